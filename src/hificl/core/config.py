@@ -1,0 +1,124 @@
+"""`HiFICLConfig`: the validated, documented settings of one HiFICL adapter."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .errors import HiFICLConfigError
+
+NORMALIZERS = ("exact", "unmasked")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+@dataclass
+class HiFICLConfig:
+    """Settings of one HiFICL adapter (virtual key-value pairs in every attention head).
+
+    For each targeted decoder layer and each QUERY head the adapter holds
+    ``K_v = K_A @ K_B`` and ``V_v = V_A @ V_B`` with ``K_A, V_A: [n, r]`` and ``K_B, V_B: [r, head_dim]``.
+
+    Attributes:
+        num_virtual_tokens: n, the number of virtual key-value pairs per head (paper: 8).
+        rank: r, the rank of the factorisation of the virtual keys and values (paper: 8; 16 for OK-VQA).
+        target_layers: decoder layer indices that get virtual pairs; ``None`` means every layer. A list, tuple
+            or ``range`` of non-negative ints (stored as a sorted list).
+        normalizer: ``"exact"`` (default) gives exactly softmax attention over ``[K_v; K]`` with the model's causal
+            and padding masks on the real keys. ``"unmasked"`` reproduces the authors' released code, whose
+            normaliser of the real keys runs over ALL keys (future and padding included); use it only to measure
+            the difference.
+        key_a_std, key_b_std, value_a_std, value_b_std: standard deviations of the normal initialisation of
+            K_A, K_B, V_A, V_B. The paper's defaults are 1, 0.01, 1 and 0 (V_B = 0, so the value term starts at 0;
+            the start is still not exactly the base model, since the virtual keys take softmax mass).
+        dtype: dtype of the adapter parameters ("float32", "bfloat16", "float16", "float64"). Keep float32 master
+            weights when the backbone runs in bf16/fp16: the virtual pairs are cast to the activation dtype at use.
+        init_seed: seed of the initialisation (``None``: draw from torch's global generator).
+    """
+
+    num_virtual_tokens: int = 8
+    rank: int = 8
+    target_layers: list[int] | None = None
+    normalizer: str = "exact"
+    key_a_std: float = 1.0
+    key_b_std: float = 0.01
+    value_a_std: float = 1.0
+    value_b_std: float = 0.0
+    dtype: str = "float32"
+    init_seed: int | None = None
+    method: str = field(default="hificl", init=False)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise `HiFICLConfigError` naming the field, the value and the fix when anything is wrong."""
+        for name in ("num_virtual_tokens", "rank"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise HiFICLConfigError(f"HiFICLConfig.{name} must be a positive int, got {value!r}.")
+        if self.target_layers is not None:
+            layers = self.target_layers
+            if isinstance(layers, int) or not isinstance(layers, (list, tuple, range)):
+                raise HiFICLConfigError(
+                    f"HiFICLConfig.target_layers must be None (all layers) or a list/tuple/range of layer indices, "
+                    f"got {layers!r}."
+                )
+            bad = [i for i in layers if isinstance(i, bool) or not isinstance(i, int) or i < 0]
+            if bad:
+                raise HiFICLConfigError(f"HiFICLConfig.target_layers holds invalid layer indices {bad!r}: use ints >= 0.")
+            if len(set(layers)) != len(layers):
+                raise HiFICLConfigError(f"HiFICLConfig.target_layers has duplicates: {list(layers)!r}.")
+            if len(layers) == 0:
+                raise HiFICLConfigError("HiFICLConfig.target_layers is empty: give None for all layers or some indices.")
+            self.target_layers = sorted(layers)
+        if self.normalizer not in NORMALIZERS:
+            raise HiFICLConfigError(
+                f"HiFICLConfig.normalizer must be one of {NORMALIZERS}, got {self.normalizer!r}. "
+                "'exact' is the paper's equation; 'unmasked' only reproduces the authors' code for comparison."
+            )
+        for name in ("key_a_std", "key_b_std", "value_a_std", "value_b_std"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise HiFICLConfigError(f"HiFICLConfig.{name} must be a finite number >= 0, got {value!r}.")
+        if self.dtype not in DTYPES:
+            raise HiFICLConfigError(f"HiFICLConfig.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}.")
+        if self.init_seed is not None and (isinstance(self.init_seed, bool) or not isinstance(self.init_seed, int)):
+            raise HiFICLConfigError(f"HiFICLConfig.init_seed must be an int or None, got {self.init_seed!r}.")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def layers_for(self, num_layers: int) -> list[int]:
+        """The targeted layer indices of a model with `num_layers` decoder layers (validated against it)."""
+        if self.target_layers is None:
+            return list(range(num_layers))
+        out_of_range = [i for i in self.target_layers if i >= num_layers]
+        if out_of_range:
+            raise HiFICLConfigError(
+                f"HiFICLConfig.target_layers {out_of_range} are out of range: the model has {num_layers} decoder "
+                f"layers (valid indices 0..{num_layers - 1})."
+            )
+        return list(self.target_layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "HiFICLConfig":
+        """Build a config from a dict (e.g. adapter_config.json), rejecting unknown fields by name."""
+        if not isinstance(data, dict):
+            raise HiFICLConfigError(f"A HiFICL config must be a mapping of field names to values, got {type(data).__name__}.")
+        data = dict(data)
+        method = data.pop("method", "hificl")
+        if method != "hificl":
+            raise HiFICLConfigError(f"This config is for method {method!r}, not 'hificl'.")
+        known = {f.name for f in dataclasses.fields(cls) if f.init}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise HiFICLConfigError(f"Unknown HiFICLConfig field(s) {unknown}; known fields: {sorted(known)}.")
+        return cls(**data)

@@ -1,0 +1,81 @@
+"""The learnable low-rank virtual key-value pairs of one decoder layer, and of a whole adapter."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import HiFICLConfig
+
+
+class VirtualKV(nn.Module):
+    """Virtual keys ``K_A @ K_B`` and values ``V_A @ V_B`` for every query head of one layer.
+
+    Shapes: ``k_a, v_a: [heads, n, r]``, ``k_b, v_b: [heads, r, head_dim]``. `forward` returns the materialised
+    keys and values, both ``[heads, n, head_dim]``, cast to the requested dtype. When no gradient can flow (eval
+    under ``torch.no_grad`` / inference mode, or frozen factors), the products are computed once and cached until
+    a factor changes (tracked through the tensors' version counters), so generation does not recompute them at
+    every step or layer call.
+    """
+
+    def __init__(self, num_heads: int, head_dim: int, config: HiFICLConfig, generator: torch.Generator | None = None):
+        super().__init__()
+        n, r, dtype = config.num_virtual_tokens, config.rank, config.torch_dtype
+        self.num_heads, self.head_dim = num_heads, head_dim
+
+        def normal(shape: tuple[int, ...], std: float) -> nn.Parameter:
+            data = torch.zeros(shape, dtype=torch.float32)
+            if std > 0:
+                data.normal_(0.0, std, generator=generator)
+            return nn.Parameter(data.to(dtype))
+
+        self.k_a = normal((num_heads, n, r), config.key_a_std)
+        self.k_b = normal((num_heads, r, head_dim), config.key_b_std)
+        self.v_a = normal((num_heads, n, r), config.value_a_std)
+        self.v_b = normal((num_heads, r, head_dim), config.value_b_std)
+        self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _cache_key(self, dtype: torch.dtype) -> tuple:
+        params = (self.k_a, self.k_b, self.v_a, self.v_b)
+        return (dtype, self.k_a.device) + tuple((p.data_ptr(), p._version) for p in params)
+
+    def forward(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        dtype = dtype or self.k_a.dtype
+        needs_graph = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+        if needs_graph:
+            self._cache.clear()
+            return torch.matmul(self.k_a, self.k_b).to(dtype), torch.matmul(self.v_a, self.v_b).to(dtype)
+        key = self._cache_key(dtype)
+        cached = self._cache.get(key)
+        if cached is None:
+            with torch.no_grad():
+                cached = (torch.matmul(self.k_a, self.k_b).to(dtype), torch.matmul(self.v_a, self.v_b).to(dtype))
+            self._cache = {k: v for k, v in self._cache.items() if k[1:] == key[1:]}  # drop stale versions
+            self._cache[key] = cached
+        return cached
+
+    def _apply(self, fn, recurse: bool = True):
+        self._cache = {}
+        return super()._apply(fn, recurse)
+
+
+class VirtualKVBank(nn.Module):
+    """All layers' `VirtualKV` of one adapter, keyed by decoder layer index (as strings, for state-dict names
+    ``layers.<i>.k_a`` ...)."""
+
+    def __init__(self, config: HiFICLConfig, num_layers: int, num_heads: int, head_dim: int,
+                 devices: dict[int, torch.device] | None = None):
+        super().__init__()
+        self.config = config
+        generator = None
+        if config.init_seed is not None:
+            generator = torch.Generator().manual_seed(config.init_seed)
+        self.layers = nn.ModuleDict()
+        for index in config.layers_for(num_layers):
+            layer = VirtualKV(num_heads, head_dim, config, generator)
+            if devices and index in devices:
+                layer.to(devices[index])
+            self.layers[str(index)] = layer
+
+    def get(self, layer_idx: int) -> VirtualKV | None:
+        return self.layers[str(layer_idx)] if str(layer_idx) in self.layers else None

@@ -1,0 +1,62 @@
+"""The fast attention equals a float64 reference of the paper's equation on every model family, with and without
+padding, and the 'unmasked' normalizer equals a float64 restatement of the authors' formula."""
+
+import pytest
+import torch
+
+from helpers import attach, padded_inputs, real_rows, reference_logits, rel_err
+from tiny_models import FAMILIES, build
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def case(request):
+    return build(request.param)
+
+
+@pytest.mark.parametrize("padding", [None, "left", "right"])
+@pytest.mark.parametrize("normalizer", ["exact", "unmasked"])
+def test_logits_equal_float64_reference(case, padding, normalizer):
+    model = attach(case, normalizer=normalizer)
+    inputs = padded_inputs(case, batch_size=2, seq_len=16, padding=padding)
+    with torch.no_grad():
+        fast = model(**inputs).logits
+    with torch.no_grad(), model.disable_adapter():
+        base = model(**inputs).logits
+    expected = reference_logits(model, inputs)
+    for got, want, plain in zip(real_rows(fast, inputs), real_rows(expected, inputs), real_rows(base, inputs)):
+        assert rel_err(got, want) < 1e-5
+        assert rel_err(plain, want) > 1e-3, "the virtual pairs must change the output, or the test proves nothing"
+
+
+def test_unmasked_differs_from_exact_during_training_only_through_the_normalizer():
+    """On an unpadded sequence the authors' Z2 sees future keys: positions before the last differ from 'exact'."""
+    case = build("llama")
+    inputs = case.make_inputs(batch_size=1, seq_len=12)
+    with torch.no_grad():
+        exact = attach(case, normalizer="exact")(**inputs).logits
+        unmasked = attach(case, normalizer="unmasked")(**inputs).logits
+    assert rel_err(unmasked[0, :-1], exact[0, :-1]) > 1e-4
+
+
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_padded_rows_equal_rows_alone(case, padding):
+    model = attach(case)
+    inputs = padded_inputs(case, batch_size=2, seq_len=16, padding=padding)
+    with torch.no_grad():
+        batched = real_rows(model(**inputs).logits, inputs)
+        for row in range(2):
+            alone = model(**case.row_inputs(inputs, row)).logits[0]
+            assert rel_err(batched[row], alone) < 1e-5
+
+
+def test_reference_attention_has_no_virtual_term_when_disabled():
+    """Guards the reference itself: disabled, the fp64 reference equals the base model run in fp32."""
+    case = build("qwen2")
+    model = attach(case)
+    inputs = padded_inputs(case, batch_size=2, seq_len=10, padding="left")
+    with torch.no_grad():
+        base = case.model(**inputs).logits
+        with model.disable_adapter():
+            expected = reference_logits(model, inputs)
+    for got, want in zip(real_rows(base, inputs), real_rows(expected, inputs)):
+        assert rel_err(got, want) < 1e-5
