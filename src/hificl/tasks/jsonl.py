@@ -1,0 +1,80 @@
+"""Bring your own task: one JSON object per line.
+
+Fields of a line: ``question`` (or ``prompt``), ``answer`` (a string) or ``answers`` (a list of strings),
+optional ``image`` (a path, absolute or relative to the JSONL file's folder), optional ``id`` and ``target``
+(the answer to train on and to show in demonstrations; default: the most frequent of ``answers``).
+
+    {"image": "images/0001.png", "question": "What colour is the shape?", "answers": ["red"]}
+    {"prompt": "Translate to French: cat", "answer": "chat"}
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .base import Example, ImageRef, Task, split_off_validation
+
+KNOWN_FIELDS = {"id", "image", "question", "prompt", "answer", "answers", "target"}
+
+
+def read_jsonl(path: str | Path) -> list[Example]:
+    """Read and validate a JSONL task file; every error names the file, the line and the field."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Task file not found: {path}")
+    examples, seen = [], set()
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            where = f"{path} line {number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{where}: not valid JSON ({error.msg}).") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{where}: each line must be a JSON object.")
+            unknown = sorted(set(record) - KNOWN_FIELDS)
+            if unknown:
+                raise ValueError(f"{where}: unknown field(s) {unknown}; known fields: {sorted(KNOWN_FIELDS)}.")
+            question = record.get("question", record.get("prompt"))
+            if not isinstance(question, str) or not question.strip():
+                raise ValueError(f"{where}: needs a non-empty string 'question' (or 'prompt').")
+            answers = record.get("answers", [record["answer"]] if "answer" in record else None)
+            if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
+                raise ValueError(f"{where}: needs 'answer' (a string) or 'answers' (a non-empty list of strings).")
+            image = None
+            if record.get("image") is not None:
+                if not isinstance(record["image"], str):
+                    raise ValueError(f"{where}: 'image' must be a path string.")
+                image_path = Path(record["image"])
+                image_path = image_path if image_path.is_absolute() else path.parent / image_path
+                if not image_path.is_file():
+                    raise FileNotFoundError(f"{where}: image file not found: {image_path}")
+                image = ImageRef(str(image_path))
+            example_id = str(record.get("id", f"{path.stem}-{number}"))
+            if example_id in seen:
+                raise ValueError(f"{where}: duplicate id {example_id!r}.")
+            seen.add(example_id)
+            target = record.get("target", "")
+            if not isinstance(target, str):
+                raise ValueError(f"{where}: 'target' must be a string.")
+            examples.append(Example(example_id, question.strip(), tuple(answers), image, target))
+    if not examples:
+        raise ValueError(f"{path}: no examples.")
+    return examples
+
+
+def jsonl_task(train: str, test: str, validation: str | None = None, validation_size: int = 0,
+               seed: int = 3407, name: str | None = None, **task_options) -> Task:
+    """A task from JSONL files. Without a validation file, `validation_size` examples of train are held out."""
+    train_examples = read_jsonl(train)
+    if validation:
+        validation_examples = read_jsonl(validation)
+    elif validation_size:
+        train_examples, validation_examples = split_off_validation(train_examples, validation_size, seed)
+    else:
+        validation_examples = []
+    splits = {"train": train_examples, "validation": validation_examples, "test": read_jsonl(test)}
+    return Task(name or Path(train).parent.name or "jsonl", splits, **task_options)

@@ -1,0 +1,198 @@
+"""Trainer, evaluator, tasks and CLI on tiny local models and JSONL tasks with images drawn in the test."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from hificl import pipeline
+from hificl.backbones import IGNORE_INDEX, load_backbone
+from hificl.cli import main as cli_main
+from hificl.evaluator import GenerationConfig, evaluate
+from hificl.methods import get_method
+from hificl.run_config import RunConfig, load_run_config
+from hificl.tasks import get_task, read_jsonl
+from hificl.trainer import TrainConfig, Trainer
+from pipeline_fixtures import save_tiny_lm, save_tiny_vlm, write_colour_task
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    return {"vlm": str(save_tiny_vlm(root / "vlm")), "lm": str(save_tiny_lm(root / "lm")),
+            "task": write_colour_task(root / "task"), "text_task": write_colour_task(root / "text", images=False),
+            "root": root}
+
+
+def _config(workspace, out, **extra):
+    data = {"backbone": workspace["vlm"], "output_dir": str(out), "progress": False,
+            "task": {"name": "jsonl", "train": workspace["task"]["train"], "test": workspace["task"]["test"],
+                     "validation_size": 4},
+            "methods": [{"name": "zero-shot"}, {"name": "icl", "shots": 2}, {"name": "hificl"}],
+            "train": {"epochs": 2, "batch_size": 4, "grad_accum": 2, "lr": 0.05},
+            "eval": {"batch_size": 3, "max_new_tokens": 4}, "validation_samples": 4}
+    data.update(extra)
+    return RunConfig.from_dict(data)
+
+
+def test_compare_runs_train_eval_report_end_to_end(workspace, tmp_path):
+    config = _config(workspace, tmp_path, data_efficiency=[{"samples": 8, "epochs": 2}])
+    results = pipeline.compare(config)
+    methods = [row["method"] for row in results["rows"]]
+    assert methods[:2] == ["zero-shot", "2-shot ICL"] and "HiFICL" in methods
+    for row in results["rows"]:
+        assert 0.0 <= row["accuracy"] <= 1.0 and row["seconds_per_query"] > 0 and row["prompt_tokens_per_query"] > 0
+    shots = {row["method"]: row["prompt_tokens_per_query"] for row in results["rows"]}
+    assert shots["2-shot ICL"] > 2 * shots["zero-shot"]
+    hificl_row = next(row for row in results["rows"] if row["method"] == "HiFICL")
+    assert hificl_row["trainable_params"] > 0 and hificl_row["train_steps"] == 2 * 3  # 20 examples: 5 batches of 4, 3 steps of 2
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["rows"][0]["method"] == "zero-shot" and saved["num_test"] == 8
+    assert (tmp_path / "results.md").read_text().startswith("**")
+    assert (tmp_path / "accuracy.png").stat().st_size > 0 and (tmp_path / "data_efficiency.png").stat().st_size > 0
+    predictions = (tmp_path / "zero-shot" / "predictions.jsonl").read_text().splitlines()
+    assert len(predictions) == 8 and {"prediction", "answers", "score"} <= set(json.loads(predictions[0]))
+    assert (tmp_path / "hificl" / "train" / "epoch-2" / "artifact" / "adapter_model.safetensors").is_file()
+
+
+def test_cli_train_then_eval_with_the_saved_adapter(workspace, tmp_path, capsys):
+    common = ["--backbone", workspace["vlm"], "--no-progress",
+              "--set", "task={name: jsonl, train: %s, test: %s}" % (workspace["task"]["train"], workspace["task"]["test"]),
+              "--set", "methods=[{name: hificl, rank: 4}]", "--set", "train.epochs=1", "--set", "train.batch_size=8",
+              "--set", "validation_samples=0", "--set", "eval.max_new_tokens=3"]
+    assert cli_main(["train", *common, "--output-dir", str(tmp_path / "t")]) == 0
+    assert (tmp_path / "t" / "adapter" / "adapter_config.json").is_file()
+    assert cli_main(["eval", *common, "--output-dir", str(tmp_path / "e"), "--adapter", str(tmp_path / "t" / "adapter")]) == 0
+    assert "HiFICL" in capsys.readouterr().out
+    assert json.loads((tmp_path / "e" / "results.json").read_text())["rows"][0]["trainable_params"] == 0
+
+
+def _trainer(workspace, out, epochs=2, seed=5):
+    backbone = load_backbone(workspace["vlm"])
+    task = get_task("jsonl", train=workspace["task"]["train"], test=workspace["task"]["test"])
+    method = get_method("hificl", init_seed=1)
+    method.setup(backbone, task, seed)
+    examples = task.splits["train"]
+
+    def collate(items):
+        return backbone.encode([method.prompt(e) for e in items], [task.target_text(e) for e in items], "right")
+
+    config = TrainConfig(epochs=epochs, batch_size=5, grad_accum=2, lr=0.05, seed=seed)
+    return Trainer(method.model, method.loss, examples, collate, config, out, save_artifact=method.save,
+                   progress=False), method
+
+
+def test_resume_after_an_interruption_gives_the_same_adapter(workspace, tmp_path):
+    reference, method = _trainer(workspace, tmp_path / "straight", epochs=3)
+    reference.train()
+    expected = {k: v.clone() for k, v in method.model.adapters.state_dict().items()}
+
+    interrupted, method = _trainer(workspace, tmp_path / "broken", epochs=3)
+    original = interrupted._save_checkpoint
+
+    def crash_after_epoch_2(epoch, result):
+        original(epoch, result)
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    interrupted._save_checkpoint = crash_after_epoch_2
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.train()
+    assert interrupted.latest_checkpoint().name == "epoch-2"
+    resumed, method = _trainer(workspace, tmp_path / "broken", epochs=3)  # a fresh process would do exactly this
+    result = resumed.train()
+    assert result.last_epoch == 3 and result.steps == reference.total_steps
+    for key, value in method.model.adapters.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+    changed, _ = _trainer(workspace, tmp_path / "broken", epochs=3, seed=6)
+    with pytest.raises(ValueError, match="settings changed"):
+        changed.train()
+
+
+def test_loss_mask_covers_exactly_the_answer_tokens(workspace):
+    backbone = load_backbone(workspace["vlm"])
+    task = get_task("jsonl", train=workspace["task"]["train"], test=workspace["task"]["test"])
+    examples = task.splits["train"][:3]
+    targets = [task.target_text(e) for e in examples]
+    for side in ("left", "right"):
+        batch = backbone.encode([task.query_prompt(e) for e in examples], targets, padding_side=side)
+        for row, target in enumerate(targets):
+            labelled = batch["labels"][row] != IGNORE_INDEX
+            assert backbone.tokenizer.decode(batch["labels"][row][labelled]) == target
+            assert torch.equal(batch["labels"][row][labelled], batch["input_ids"][row][labelled])
+            span = labelled.nonzero().flatten()
+            assert span.max() - span.min() + 1 == labelled.sum(), "answer tokens are contiguous"
+            assert batch["attention_mask"][row][labelled].all()
+            last_real = batch["attention_mask"][row].nonzero().max()
+            assert span.max() == last_real, "the answer ends the real tokens"
+        image_token = backbone.tokenizer.convert_tokens_to_ids("<image>")
+        assert not (batch["labels"] == image_token).any()
+
+
+@pytest.mark.parametrize("backbone_key, task_key", [("vlm", "task"), ("lm", "text_task")])
+def test_batched_evaluation_equals_unbatched(workspace, backbone_key, task_key):
+    backbone = load_backbone(workspace[backbone_key])
+    task = get_task("jsonl", train=workspace[task_key]["train"], test=workspace[task_key]["test"])
+    for method in (get_method("icl", shots=2), get_method("hificl", value_b_std=0.5, init_seed=3)):
+        method.setup(backbone, task, 0)
+        try:
+            batched = evaluate(method, task.splits["test"], GenerationConfig(batch_size=8, max_new_tokens=6), progress=False)
+            single = evaluate(method, task.splits["test"], GenerationConfig(batch_size=1, max_new_tokens=6), progress=False)
+        finally:
+            method.close()
+        assert [p["raw"] for p in batched.predictions] == [p["raw"] for p in single.predictions]
+
+
+def test_icl_with_zero_shots_is_the_zero_shot_prompt(workspace):
+    task = get_task("jsonl", train=workspace["task"]["train"], test=workspace["task"]["test"])
+    zero, icl0, icl2 = get_method("zero-shot"), get_method("icl", shots=0), get_method("icl", shots=2)
+    for method in (zero, icl0, icl2):
+        method.setup(None, task, 0)
+    example = task.splits["test"][0]
+    assert icl0.prompt(example) == zero.prompt(example)
+    demos = icl2.demonstrations(example)
+    assert icl2.prompt(example) == task.demonstration(demos[0]) + task.demonstration(demos[1]) + zero.prompt(example)
+    assert icl2.demonstrations(example) == demos, "the same demonstrations every time"
+
+
+def test_bad_inputs_raise_clear_errors(workspace, tmp_path):
+    good = Path(workspace["task"]["train"]).read_text().splitlines()
+    bad = Path(workspace["task"]["train"]).parent / "bad.jsonl"  # beside the images its lines point to
+    bad.write_text("\n".join([good[0], "{not json", good[1]]) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl line 2: not valid JSON"):
+        read_jsonl(bad)
+    bad.write_text(json.dumps({"question": "q?"}) + "\n")
+    with pytest.raises(ValueError, match=r"line 1: needs 'answer'"):
+        read_jsonl(bad)
+    bad.write_text(json.dumps({"question": "q?", "answer": "a", "image": "missing.png"}) + "\n")
+    with pytest.raises(FileNotFoundError, match=r"line 1: image file not found: .*missing.png"):
+        read_jsonl(bad)
+    bad.write_text(json.dumps({"question": "q?", "answer": "a", "colour": "red"}) + "\n")
+    with pytest.raises(ValueError, match=r"line 1: unknown field\(s\) \['colour'\]"):
+        read_jsonl(bad)
+    with pytest.raises(ValueError, match="Unknown method 'lora-xl'"):
+        get_method("lora-xl")
+    with pytest.raises(ValueError, match="shots"):
+        get_method("icl", shots=-1)
+    with pytest.raises(ValueError, match="rank"):
+        get_method("hificl", rank=0)
+    with pytest.raises(ValueError, match="train.lr"):
+        load_run_config(None, ["train.lr=-1"])
+    with pytest.raises(ValueError, match=r"Unknown config field\(s\) \['epochs'\]"):
+        load_run_config(None, ["epochs=3"])
+    with pytest.raises(ValueError, match="Unknown train setting"):
+        load_run_config(None, ["train.epoch=3"])
+    with pytest.raises(ValueError, match="key=value"):
+        load_run_config(None, ["train.epochs"])
+    assert cli_main(["compare", "--set", "eval.num_beams=0"]) == 2
+    backbone = load_backbone(workspace["lm"])
+    task = get_task("jsonl", train=workspace["task"]["train"], test=workspace["task"]["test"])
+    with pytest.raises(ValueError, match="text-only"):
+        backbone.encode([task.query_prompt(task.splits["test"][0])])
+
+
+def test_packaged_default_config_is_valid():
+    config = load_run_config(None)
+    assert config.backbone == "embedded" and config.task["name"] == "easy-vqa"
+    assert [m["name"] for m in config.methods] == ["zero-shot", "icl", "icl", "icl", "icl", "hificl"]
