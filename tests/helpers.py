@@ -14,6 +14,8 @@ from tiny_models import position_ids_for
 def attach(case, seed: int = 1, **overrides):
     """A HiFICL model on a fresh copy of `case.model`, with non-zero V_B so the virtual values matter."""
     fields = dict(value_b_std=0.5, key_b_std=0.3, init_seed=seed)
+    if overrides.get("full_rank_keys") or overrides.get("full_rank_values"):
+        fields.update(key_a_std=1.0, value_a_std=1.0)
     fields.update(overrides)
     return get_hificl_model(copy.deepcopy(case.model), HiFICLConfig(**fields))
 

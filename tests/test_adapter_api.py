@@ -43,6 +43,19 @@ def test_only_adapter_parameters_are_trainable_and_count_matches_the_paper(llama
     assert model.get_nb_trainable_parameters()[0] == expected
 
 
+def test_full_rank_ablations_change_the_parameters():
+    case = build("llama")
+    model = attach(case, full_rank_keys=True)
+    layer = model.adapters["default"].layers["0"]
+    assert layer.k_full.shape == (model.shape.num_query_heads, 8, model.shape.head_dim) and not hasattr(layer, "k_a")
+    assert torch.equal(model.virtual_kv(0)[0], layer.k_full)
+    shape = model.shape
+    assert model.get_nb_trainable_parameters()[0] == shape.num_layers * shape.num_query_heads * (
+        8 * shape.head_dim + 8 * 8 + 8 * shape.head_dim)
+    with pytest.raises(HiFICLConfigError, match="fixed_alpha"):
+        HiFICLConfig(fixed_alpha=True, normalizer="unmasked")
+
+
 def test_print_trainable_parameters(llama, capsys):
     attach(llama).print_trainable_parameters()
     assert "trainable params:" in capsys.readouterr().out

@@ -1,5 +1,6 @@
 """The fast attention equals a float64 reference of the paper's equation on every model family, with and without
-padding, and the 'unmasked' normalizer equals a float64 restatement of the authors' formula."""
+padding, and the 'unmasked' normalizer equals a float64 restatement of the authors' formula (likewise the
+paper's ablations: alpha fixed to 1, full-rank virtual keys and values)."""
 
 import pytest
 import torch
@@ -14,9 +15,10 @@ def case(request):
 
 
 @pytest.mark.parametrize("padding", [None, "left", "right"])
-@pytest.mark.parametrize("normalizer", ["exact", "unmasked"])
-def test_logits_equal_float64_reference(case, padding, normalizer):
-    model = attach(case, normalizer=normalizer)
+@pytest.mark.parametrize("options", [{"normalizer": "exact"}, {"normalizer": "unmasked"}, {"fixed_alpha": True},
+                                     {"full_rank_keys": True, "full_rank_values": True}], ids=str)
+def test_logits_equal_float64_reference(case, padding, options):
+    model = attach(case, **options)
     inputs = padded_inputs(case, batch_size=2, seq_len=16, padding=padding)
     with torch.no_grad():
         fast = model(**inputs).logits

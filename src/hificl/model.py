@@ -192,7 +192,7 @@ class HiFICLModel(nn.Module):
         if layer_kv is None:
             return None
         keys, values = layer_kv(dtype)
-        return VirtualPairs(keys, values, bank.config.normalizer)
+        return VirtualPairs(keys, values, bank.config.attention_path)
 
     # ---------------------------------------------------------------------------------------------- adapters
     @property

@@ -4,6 +4,7 @@ nothing else in the package."""
 from .attention import (
     ATTENTION_NAME,
     AttentionCall,
+    attend_with_prefix,
     PROVIDER_ATTR,
     REFERENCE_ATTENTION_NAME,
     VirtualPairs,
@@ -17,7 +18,7 @@ from .errors import AdapterMismatchError, HiFICLConfigError, UnsupportedModelErr
 from .virtual_kv import VirtualKV, VirtualKVBank
 
 __all__ = [
-    "ATTENTION_NAME", "AttentionCall", "PROVIDER_ATTR", "REFERENCE_ATTENTION_NAME", "VirtualPairs", "hificl_attention_forward",
+    "ATTENTION_NAME", "AttentionCall", "attend_with_prefix", "PROVIDER_ATTR", "REFERENCE_ATTENTION_NAME", "VirtualPairs", "hificl_attention_forward",
     "record_attention_calls", "reference_attention_forward", "register_attention", "HiFICLConfig",
     "AdapterMismatchError", "HiFICLConfigError", "UnsupportedModelError", "VirtualKV", "VirtualKVBank",
 ]

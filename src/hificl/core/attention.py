@@ -39,7 +39,7 @@ class VirtualPairs:
 
     keys: torch.Tensor
     values: torch.Tensor
-    normalizer: str = "exact"
+    normalizer: str = "exact"  # "exact", "unmasked", or "fixed_alpha" (the exact one with alpha fixed to 1)
 
 
 Routing = Union[None, VirtualPairs, Sequence[tuple[torch.Tensor, Union[VirtualPairs, None]]]]
@@ -94,17 +94,19 @@ def _is_causal(module: torch.nn.Module, is_causal: bool | None) -> bool:
     return is_causal if is_causal is not None else getattr(module, "is_causal", True)
 
 
-def _exact(module, query, key, value, mask, pairs, dropout, scaling, is_causal) -> torch.Tensor:
-    """Softmax attention over ``[K_v; K]``, ``[V_v; V]`` through the fused SDPA kernel; returns [b, q, h, d]."""
+def attend_with_prefix(module, query, key, value, mask, prefix_keys, prefix_values, dropout=0.0, scaling=None,
+                       is_causal=None) -> torch.Tensor:
+    """Softmax attention of `query` ``[b, h, q, d]`` over always-visible prefix slots ``[b, h, n, d]`` followed by
+    the real keys/values (``[b, kv_heads, k, d]``, any GQA grouping) under the model's causal and padding mask,
+    through SDPA's fused kernel. Value dims may differ from key dims. Returns ``[b, q, h, d_v]``."""
     batch, heads, q_len, _ = query.shape
     groups = heads // key.shape[1]
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    v_keys, v_values = _expand(pairs, batch, query.dtype)
-    n = v_keys.shape[2]
+    n = prefix_keys.shape[2]
     if mask is not None:
         mask = _with_visible_columns(mask, n, key.shape[2])
         out = F.scaled_dot_product_attention(
-            query, torch.cat([v_keys, key], 2), torch.cat([v_values, value], 2),
+            query, torch.cat([prefix_keys, key], 2), torch.cat([prefix_values, value], 2),
             attn_mask=mask, dropout_p=dropout, scale=scaling,
         )
     elif _is_causal(module, is_causal) and q_len > 1:
@@ -113,14 +115,35 @@ def _exact(module, query, key, value, mask, pairs, dropout, scaling, is_causal) 
         key, value = key[:, :, :q_len], value[:, :, :q_len]
         dummy = query.new_zeros(batch, heads, n, query.shape[-1])
         out = F.scaled_dot_product_attention(
-            torch.cat([dummy, query], 2), torch.cat([v_keys, key], 2), torch.cat([v_values, value], 2),
+            torch.cat([dummy, query], 2), torch.cat([prefix_keys, key], 2), torch.cat([prefix_values, value], 2),
             dropout_p=dropout, scale=scaling, is_causal=True,
         )[:, :, n:]
     else:
         out = F.scaled_dot_product_attention(
-            query, torch.cat([v_keys, key], 2), torch.cat([v_values, value], 2), dropout_p=dropout, scale=scaling
+            query, torch.cat([prefix_keys, key], 2), torch.cat([prefix_values, value], 2),
+            dropout_p=dropout, scale=scaling,
         )
     return out.transpose(1, 2).contiguous()
+
+
+def _exact(module, query, key, value, mask, pairs, dropout, scaling, is_causal) -> torch.Tensor:
+    """Softmax attention over ``[K_v; K]``, ``[V_v; V]`` (the paper's equation); returns [b, q, h, d]."""
+    v_keys, v_values = _expand(pairs, query.shape[0], query.dtype)
+    return attend_with_prefix(module, query, key, value, mask, v_keys, v_values, dropout, scaling, is_causal)
+
+
+def _fixed_alpha(module, query, key, value, mask, pairs, dropout, scaling, is_causal) -> torch.Tensor:
+    """The "alpha fixed to 1" ablation: ``SA + sum_i exp(q.k_v_i) / (Z1 + Z2) v_i``. The exact path with a
+    constant-1 channel appended to the real values yields alpha (the real keys' softmax mass) alongside
+    ``alpha SA + (1 - alpha) O_v``; adding ``(1 - alpha) SA`` gives the ablated output."""
+    v_keys, v_values = _expand(pairs, query.shape[0], query.dtype)
+    ones = value.new_ones(value.shape[:-1] + (1,))
+    out = attend_with_prefix(module, query, key, torch.cat([value, ones], -1), mask, v_keys,
+                             torch.cat([v_values, v_values.new_zeros(v_values.shape[:-1] + (1,))], -1),
+                             dropout, scaling, is_causal)
+    alpha = out[..., -1:]
+    sa = sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, is_causal=is_causal)[0]
+    return out[..., :-1] + (1 - alpha) * sa
 
 
 def _unmasked(module, query, key, value, mask, pairs, dropout, scaling, is_causal) -> torch.Tensor:
@@ -138,7 +161,7 @@ def _unmasked(module, query, key, value, mask, pairs, dropout, scaling, is_causa
     return alpha.transpose(1, 2) * sa + ((1 - alpha) * virtual_out).transpose(1, 2)
 
 
-_PATHS = {"exact": _exact, "unmasked": _unmasked}
+_PATHS = {"exact": _exact, "unmasked": _unmasked, "fixed_alpha": _fixed_alpha}
 
 
 def _run_routed(fn_pairs, fn_plain, module, query, key, value, attention_mask, routing) -> torch.Tensor:
@@ -206,9 +229,9 @@ def reference_attention_forward(
     is_causal: bool | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """Slow, obviously-correct float64 restatement of both normalizers, for tests. Registered with a mask
-    builder that always materialises the mask. "exact": one softmax over the concatenation ``[K_v; K]`` with
-    the real keys masked. "unmasked": ``Z1 = sum exp(q.k_v)``, ``Z2 = sum exp(q.k)`` over all real keys,
+    """Slow, obviously-correct float64 restatement of every path, for tests. Registered with a mask builder
+    that always materialises the mask. "exact": one softmax over the concatenation ``[K_v; K]`` with the real
+    keys masked. "fixed_alpha": ``SA + sum_i exp(q.k_v_i) / (Z1 + Z2) v_i`` with Z2 over the visible keys. "unmasked": ``Z1 = sum exp(q.k_v)``, ``Z2 = sum exp(q.k)`` over all real keys,
     ``SA`` = masked softmax attention, output ``Z2/(Z1+Z2) * SA + sum_i exp(q.k_v_i)/(Z1+Z2) v_i``."""
     routing = _route(module, query, key)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
@@ -226,6 +249,11 @@ def reference_attention_forward(
         if pairs.normalizer == "exact":
             probs = torch.softmax(torch.cat([v_scores, masked], -1), -1)
             return torch.matmul(probs, torch.cat([vv, v], 2)).transpose(1, 2)
+        if pairs.normalizer == "fixed_alpha":
+            z1 = v_scores.exp().sum(-1, keepdim=True)
+            z2 = masked.exp().sum(-1, keepdim=True)
+            sa = torch.matmul(torch.softmax(masked, -1).nan_to_num(0.0), v)
+            return (sa + torch.matmul(v_scores.exp() / (z1 + z2), vv)).transpose(1, 2)
         z1 = v_scores.exp().sum(-1, keepdim=True)
         z2 = scores.exp().sum(-1, keepdim=True)
         sa = torch.matmul(torch.softmax(masked, -1).nan_to_num(0.0), v)

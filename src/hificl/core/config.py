@@ -34,6 +34,12 @@ class HiFICLConfig:
         key_a_std, key_b_std, value_a_std, value_b_std: standard deviations of the normal initialisation of
             K_A, K_B, V_A, V_B. The paper's defaults are 1, 0.01, 1 and 0 (V_B = 0, so the value term starts at 0;
             the start is still not exactly the base model, since the virtual keys take softmax mass).
+        full_rank_keys, full_rank_values: ablations of the paper: learn ``K_v`` (or ``V_v``) as a full
+            ``[n, head_dim]`` matrix per head instead of a rank-r product (initialised with the product's scale,
+            ``a_std * b_std * sqrt(rank)``).
+        fixed_alpha: ablation "alpha fixed to 1": the head output is ``SA + sum_i exp(q.k_v_i)/(Z1 + Z2) v_i``, so
+            the virtual pairs add to the attention output instead of taking softmax mass from the real keys.
+            Only with normalizer "exact".
         dtype: dtype of the adapter parameters ("float32", "bfloat16", "float16", "float64"). Keep float32 master
             weights when the backbone runs in bf16/fp16: the virtual pairs are cast to the activation dtype at use.
         init_seed: seed of the initialisation (``None``: draw from torch's global generator).
@@ -47,6 +53,9 @@ class HiFICLConfig:
     key_b_std: float = 0.01
     value_a_std: float = 1.0
     value_b_std: float = 0.0
+    full_rank_keys: bool = False
+    full_rank_values: bool = False
+    fixed_alpha: bool = False
     dtype: str = "float32"
     init_seed: int | None = None
     method: str = field(default="hificl", init=False)
@@ -84,10 +93,20 @@ class HiFICLConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise HiFICLConfigError(f"HiFICLConfig.{name} must be a finite number >= 0, got {value!r}.")
+        for name in ("full_rank_keys", "full_rank_values", "fixed_alpha"):
+            if not isinstance(getattr(self, name), bool):
+                raise HiFICLConfigError(f"HiFICLConfig.{name} must be true or false, got {getattr(self, name)!r}.")
+        if self.fixed_alpha and self.normalizer != "exact":
+            raise HiFICLConfigError("HiFICLConfig.fixed_alpha needs normalizer='exact' (the ablation is of the paper's equation).")
         if self.dtype not in DTYPES:
             raise HiFICLConfigError(f"HiFICLConfig.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}.")
         if self.init_seed is not None and (isinstance(self.init_seed, bool) or not isinstance(self.init_seed, int)):
             raise HiFICLConfigError(f"HiFICLConfig.init_seed must be an int or None, got {self.init_seed!r}.")
+
+    @property
+    def attention_path(self) -> str:
+        """The name of the attention computation in `hificl.core.attention` for this config."""
+        return "fixed_alpha" if self.fixed_alpha else self.normalizer
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -11,7 +11,8 @@ from .config import HiFICLConfig
 class VirtualKV(nn.Module):
     """Virtual keys ``K_A @ K_B`` and values ``V_A @ V_B`` for every query head of one layer.
 
-    Shapes: ``k_a, v_a: [heads, n, r]``, ``k_b, v_b: [heads, r, head_dim]``. `forward` returns the materialised
+    Shapes: ``k_a, v_a: [heads, n, r]``, ``k_b, v_b: [heads, r, head_dim]``; with the full-rank ablations
+    ``k_full`` / ``v_full: [heads, n, head_dim]`` replace a pair of factors. `forward` returns the materialised
     keys and values, both ``[heads, n, head_dim]``, cast to the requested dtype. When no gradient can flow (eval
     under ``torch.no_grad`` / inference mode, or frozen factors), the products are computed once and cached until
     a factor changes (tracked through the tensors' version counters), so generation does not recompute them at
@@ -29,27 +30,40 @@ class VirtualKV(nn.Module):
                 data.normal_(0.0, std, generator=generator)
             return nn.Parameter(data.to(dtype))
 
-        self.k_a = normal((num_heads, n, r), config.key_a_std)
-        self.k_b = normal((num_heads, r, head_dim), config.key_b_std)
-        self.v_a = normal((num_heads, n, r), config.value_a_std)
-        self.v_b = normal((num_heads, r, head_dim), config.value_b_std)
+        if config.full_rank_keys:
+            self.k_full = normal((num_heads, n, head_dim), config.key_a_std * config.key_b_std * r ** 0.5)
+        else:
+            self.k_a = normal((num_heads, n, r), config.key_a_std)
+            self.k_b = normal((num_heads, r, head_dim), config.key_b_std)
+        if config.full_rank_values:
+            self.v_full = normal((num_heads, n, head_dim), config.value_a_std * config.value_b_std * r ** 0.5)
+        else:
+            self.v_a = normal((num_heads, n, r), config.value_a_std)
+            self.v_b = normal((num_heads, r, head_dim), config.value_b_std)
         self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
+    def _products(self) -> tuple[torch.Tensor, torch.Tensor]:
+        keys = self.k_full if hasattr(self, "k_full") else torch.matmul(self.k_a, self.k_b)
+        values = self.v_full if hasattr(self, "v_full") else torch.matmul(self.v_a, self.v_b)
+        return keys, values
+
     def _cache_key(self, dtype: torch.dtype) -> tuple:
-        params = (self.k_a, self.k_b, self.v_a, self.v_b)
-        return (dtype, self.k_a.device) + tuple((p.data_ptr(), p._version) for p in params)
+        params = list(self.parameters())
+        return (dtype, params[0].device) + tuple((p.data_ptr(), p._version) for p in params)
 
     def forward(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        dtype = dtype or self.k_a.dtype
+        dtype = dtype or next(self.parameters()).dtype
         needs_graph = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
         if needs_graph:
             self._cache.clear()
-            return torch.matmul(self.k_a, self.k_b).to(dtype), torch.matmul(self.v_a, self.v_b).to(dtype)
+            keys, values = self._products()
+            return keys.to(dtype), values.to(dtype)
         key = self._cache_key(dtype)
         cached = self._cache.get(key)
         if cached is None:
             with torch.no_grad():
-                cached = (torch.matmul(self.k_a, self.k_b).to(dtype), torch.matmul(self.v_a, self.v_b).to(dtype))
+                keys, values = self._products()
+                cached = (keys.to(dtype).clone(), values.to(dtype).clone())
             self._cache = {k: v for k, v in self._cache.items() if k[1:] == key[1:]}  # drop stale versions
             self._cache[key] = cached
         return cached
