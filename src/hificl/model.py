@@ -1,9 +1,8 @@
 """`HiFICLModel`: a frozen Hugging Face model with one or more named HiFICL adapters.
 
-Attaching never copies a model's forward and never looks at its name: the language model's attention is routed
-through transformers' attention registry to `hificl.core.attention`, a probe forward finds the attention modules
-that really call it (and their head layout), and each gets a provider that hands out the active adapter's
-virtual pairs. The adapter parameters live in ``self.adapters[name]`` (a `VirtualKVBank` per adapter).
+Attaching never copies a model's forward and never looks at its name (see `hificl.routing`): the language
+model's attention is routed to `hificl.core.attention`, and each attention module found by the probe gets a
+provider that hands out the active adapter's virtual pairs. The adapter parameters live in ``self.adapters[name]`` (a `VirtualKVBank` per adapter).
 """
 
 from __future__ import annotations
@@ -30,10 +29,10 @@ from .core import (
     UnsupportedModelError,
     VirtualKVBank,
     VirtualPairs,
-    record_attention_calls,
     register_attention,
 )
 from .io import atomic_write, atomic_write_json
+from .routing import freeze, route_attention
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -55,50 +54,6 @@ class ModelShape:
     def describe(self) -> str:
         return (f"{self.num_layers} layers x {self.num_query_heads} query heads ({self.num_kv_heads} KV heads) x "
                 f"head dim {self.head_dim}, text model type '{self.text_model_type}'")
-
-
-def _text_config_route(base_model: PreTrainedModel, text_config) -> str | dict[str, str]:
-    """The argument of `set_attn_implementation` that routes only the language model to `name`."""
-    if text_config is base_model.config:
-        return "{name}"
-    for key in base_model.config.sub_configs:
-        if getattr(base_model.config, key, None) is text_config:
-            return {key: "{name}"}
-    raise UnsupportedModelError(
-        f"{type(base_model).__name__}: cannot find which sub-config holds the language model's config "
-        f"({type(text_config).__name__}), so its attention cannot be routed. Pass the language model itself."
-    )
-
-
-def _set_text_attention(base_model: PreTrainedModel, route: str | dict[str, str], name: str) -> None:
-    spec = route.format(name=name) if isinstance(route, str) else {k: v.format(name=name) for k, v in route.items()}
-    base_model.set_attn_implementation(spec)
-
-
-def _find_decoder(base_model: PreTrainedModel, text_config) -> nn.Module:
-    decoder = base_model.get_decoder() if hasattr(base_model, "get_decoder") else None
-    if isinstance(decoder, PreTrainedModel) and decoder.config is text_config:
-        return decoder
-    for module in base_model.modules():
-        if isinstance(module, PreTrainedModel) and module.config is text_config and module.get_input_embeddings() is not None:
-            decoder = module  # the innermost one is the bare decoder
-    return decoder if decoder is not None else base_model
-
-
-def _probe(base_model: PreTrainedModel, text_config):
-    """Run a 2-token forward of the language model and return the attention calls that reached hificl."""
-    decoder = _find_decoder(base_model, text_config)
-    embeddings = decoder.get_input_embeddings()
-    weight = embeddings.weight if embeddings is not None else next(decoder.parameters())
-    hidden = torch.zeros(1, 2, text_config.hidden_size, dtype=weight.dtype, device=weight.device)
-    with torch.no_grad(), record_attention_calls() as calls:
-        decoder(inputs_embeds=hidden, use_cache=False)
-    unique, seen = [], set()
-    for call in calls:
-        if id(call.module) not in seen:
-            seen.add(id(call.module))
-            unique.append(call)
-    return unique
 
 
 class HiFICLModel(nn.Module):
@@ -128,42 +83,18 @@ class HiFICLModel(nn.Module):
 
     # ----------------------------------------------------------------------------------------------- attaching
     def _attach(self) -> None:
-        base = self.base_model
-        text_config = base.config.get_text_config(decoder=True)
-        route = _text_config_route(base, text_config)
-        self._previous_attention = text_config._attn_implementation
-        try:
-            _set_text_attention(base, route, ATTENTION_NAME)
-        except ValueError as error:
-            raise UnsupportedModelError(
-                f"{type(base).__name__} rejected a custom attention implementation ({error}). HiFICL needs a model "
-                "whose attention goes through transformers' AttentionInterface."
-            ) from error
-        calls = _probe(base, text_config) if text_config._attn_implementation == ATTENTION_NAME else []
-        num_layers = getattr(text_config, "num_hidden_layers", None)
-        if not calls or (num_layers is not None and len(calls) != num_layers):
-            attention_classes = sorted({type(m).__name__ for m in base.modules() if type(m).__name__.endswith("Attention")})
-            _set_text_attention(base, route, self._previous_attention)
-            raise UnsupportedModelError(
-                f"{type(base).__name__}: its language-model attention ({', '.join(attention_classes) or 'unknown'}) "
-                f"does not go through transformers' attention registry ({len(calls)} of {num_layers} layers did), so "
-                "HiFICL cannot add virtual key-value pairs to it. Use a model class that supports "
-                "set_attn_implementation (transformers 5 decoders do), or a newer transformers version."
-            )
+        self._routing = route_attention(self.base_model, ATTENTION_NAME, purpose="add virtual key-value pairs to it")
+        calls = self._routing.calls
         for index, call in enumerate(calls):
             setattr(call.module, PROVIDER_ATTR, functools.partial(self._provide, index))
         first = calls[0]
-        self._route = route
-        self._attention_modules = [call.module for call in calls]
         self._layer_devices = {index: call.device for index, call in enumerate(calls)}
         self.shape = ModelShape(
             num_layers=len(calls), num_query_heads=first.num_query_heads, num_kv_heads=first.num_kv_heads,
-            head_dim=first.head_dim, text_model_type=getattr(text_config, "model_type", ""),
-            model_type=getattr(base.config, "model_type", ""),
+            head_dim=first.head_dim, text_model_type=getattr(self._routing.text_config, "model_type", ""),
+            model_type=getattr(self.base_model.config, "model_type", ""),
         )
-        self._base_requires_grad = [parameter.requires_grad for parameter in base.parameters()]
-        for parameter in base.parameters():
-            parameter.requires_grad_(False)
+        self._frozen = freeze(self.base_model)
 
     def _provide(self, layer: int, batch_size: int, dtype: torch.dtype):
         """The routing for one attention call (see `hificl.core.attention`)."""
@@ -193,6 +124,11 @@ class HiFICLModel(nn.Module):
             return None
         keys, values = layer_kv(dtype)
         return VirtualPairs(keys, values, bank.config.attention_path)
+
+    @property
+    def routing(self):
+        """The `hificl.routing.RoutedAttention` of the base model (its attention modules, decoder layers, MLPs)."""
+        return self._routing
 
     # ---------------------------------------------------------------------------------------------- adapters
     @property
@@ -261,21 +197,20 @@ class HiFICLModel(nn.Module):
     @contextlib.contextmanager
     def reference_attention(self) -> Iterator[None]:
         """Run the slow float64 reference attention instead of the fused path (for tests and debugging)."""
-        _set_text_attention(self.base_model, self._route, REFERENCE_ATTENTION_NAME)
+        self._routing.set(REFERENCE_ATTENTION_NAME)
         try:
             yield
         finally:
-            _set_text_attention(self.base_model, self._route, ATTENTION_NAME)
+            self._routing.set(ATTENTION_NAME)
 
     def unload(self) -> PreTrainedModel:
         """Detach every adapter and give back the base model as it was: its original attention implementation
         and which of its parameters required gradients."""
-        for module in self._attention_modules:
-            if hasattr(module, PROVIDER_ATTR):
-                delattr(module, PROVIDER_ATTR)
-        _set_text_attention(self.base_model, self._route, self._previous_attention)
-        for parameter, flag in zip(self.base_model.parameters(), self._base_requires_grad):
-            parameter.requires_grad_(flag)
+        for call in self._routing.calls:
+            if hasattr(call.module, PROVIDER_ATTR):
+                delattr(call.module, PROVIDER_ATTR)
+        self._routing.restore()
+        self._frozen.restore()
         return self.base_model
 
     # --------------------------------------------------------------------------------------------- run

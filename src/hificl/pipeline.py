@@ -54,19 +54,14 @@ class Run:
         if epochs is not None:
             config = type(config)(**{**vars(config), "epochs": epochs})
         examples = train_examples if train_examples is not None else self.train_examples
-        task, backbone = self.task, self.backbone
-
-        def collate(items):
-            return backbone.encode([method.prompt(e) for e in items], [task.target_text(e) for e in items],
-                                   padding_side="right")
 
         def validate():
             result = evaluate(method, self.validation_examples, self.config.eval, progress=False)
             return {"accuracy": result.metrics["accuracy"]}
 
-        trainer = Trainer(method.model, method.loss, examples, collate, config, folder,
-                          validate=validate if self.validation_examples else None,
-                          save_artifact=method.save, progress=self.config.progress)
+        trainer = Trainer(method.model, method.loss, examples, method.training_batch, config, folder,
+                          validate=validate if self.validation_examples else None, save_artifact=method.save,
+                          param_groups=method.param_groups(config.lr), progress=self.config.progress)
         result = trainer.train()
         return {"result": result, "trainer": trainer}
 

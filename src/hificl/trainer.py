@@ -137,12 +137,15 @@ class Trainer:
         validate: optional ``validate() -> dict of metrics``, called after every epoch.
         save_artifact: optional ``save_artifact(folder)`` writing the method's own files into each checkpoint
             (e.g. the adapter), so any epoch can be evaluated later.
+        param_groups: optional ``[{"params": [parameter names], "lr": ...}]`` for parameters with their own
+            learning rate; the other trainable parameters use ``config.lr``.
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, dict], torch.Tensor],
                  examples: Sequence[Any], collate: Callable[[list], dict], config: TrainConfig,
                  output_dir: str | os.PathLike, validate: Callable[[], dict] | None = None,
-                 save_artifact: Callable[[Path], None] | None = None, progress: bool = True):
+                 save_artifact: Callable[[Path], None] | None = None,
+                 param_groups: list[dict[str, Any]] | None = None, progress: bool = True):
         if not examples:
             raise ValueError("No training examples.")
         self.model, self.loss_fn, self.examples, self.collate = model, loss_fn, list(examples), collate
@@ -151,7 +154,7 @@ class Trainer:
         self.accelerator = Accelerator(mixed_precision=config.mixed_precision,
                                        cpu=not torch.cuda.is_available())
         self.params = _trainable(model)
-        self.optimizer = torch.optim.AdamW(self.params.values(), lr=config.lr, weight_decay=config.weight_decay)
+        self.optimizer = torch.optim.AdamW(self._groups(param_groups), lr=config.lr, weight_decay=config.weight_decay)
         self.batches_per_epoch = math.ceil(len(self.examples) / config.batch_size)
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / config.grad_accum)
         self.total_steps = self.steps_per_epoch * config.epochs
@@ -159,6 +162,22 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: _lr_factor(step, self.total_steps, self.warmup_steps))
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+
+    def _groups(self, param_groups: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+        """Optimiser groups in a fixed order (checkpoints map optimiser state by parameter name)."""
+        groups, claimed = [], set()
+        for group in param_groups or []:
+            unknown = sorted(set(group["params"]) - set(self.params))
+            if unknown:
+                raise ValueError(f"param_groups name parameters that are not trainable: {unknown[:3]}.")
+            groups.append({**group, "params": [self.params[n] for n in group["params"]]})
+            claimed |= set(group["params"])
+        rest = [p for n, p in self.params.items() if n not in claimed]
+        if rest:
+            groups.append({"params": rest})
+        self._ordered_names = [n for g in (param_groups or []) for n in g["params"]] + [
+            n for n in self.params if n not in claimed]
+        return groups
 
     # ---------------------------------------------------------------------------------------- checkpoints
     def _epoch_order(self, epoch: int) -> list[int]:
@@ -174,7 +193,7 @@ class Trainer:
             weights = {name: p.detach().cpu().contiguous() for name, p in self.params.items()}
             save_file(weights, str(tmp / "trainable.safetensors"))
             state = self.optimizer.state_dict()
-            names = list(self.params)
+            names = self._ordered_names
             optimizer_tensors, optimizer_scalars = {}, {}
             for index, slots in state["state"].items():
                 for key, value in slots.items():
@@ -222,12 +241,15 @@ class Trainer:
             for name, param in self.params.items():
                 param.copy_(weights[name])
         tensors = load_file(str(path / "optimizer.safetensors"))
-        names = list(self.params)
+        names = self._ordered_names
         optimizer_state: dict[int, dict[str, Any]] = {}
         for key, value in list(tensors.items()) + list(state["optimizer_scalars"].items()):
             name, slot = key.split("::")
             optimizer_state.setdefault(names.index(name), {})[slot] = value
-        groups = [dict(group, params=list(range(len(names)))) for group in state["param_groups"]]
+        current = self.optimizer.state_dict()["param_groups"]
+        if len(current) != len(state["param_groups"]):
+            raise ValueError(f"Cannot resume from {path}: it has other optimiser groups than this method.")
+        groups = [dict(saved, params=now["params"]) for saved, now in zip(state["param_groups"], current)]
         self.optimizer.load_state_dict({"state": optimizer_state, "param_groups": groups})
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(load_file(str(path / "rng.safetensors"))["torch"])
@@ -260,7 +282,7 @@ class Trainer:
                 step_loss = 0.0
                 for b, size in zip(micro, sizes):
                     items = [self.examples[i] for i in order[b * self.config.batch_size:(b + 1) * self.config.batch_size]]
-                    batch = {k: v.to(device) for k, v in self.collate(items).items()}
+                    batch = _to_device(self.collate(items), device)
                     with self.accelerator.autocast():
                         loss = self.loss_fn(self.model, batch)
                     # weight micro-batches by size so an accumulated step averages over its examples
@@ -299,6 +321,12 @@ class Trainer:
 
     def checkpoint(self, epoch: int) -> Path:
         return self.output_dir / f"{CHECKPOINT_PREFIX}{epoch}"
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch.to(device) if torch.is_tensor(batch) else batch
 
 
 def _epoch_line(record: dict[str, Any]) -> str:

@@ -5,8 +5,11 @@ from __future__ import annotations
 from .base import Method
 from .hificl import HiFICL
 from .icl import InContext, ZeroShot
+from .live import Live
+from .lora import Lora
+from .mimic import MimIC
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (ZeroShot, InContext, HiFICL)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (ZeroShot, InContext, HiFICL, Live, MimIC, Lora)}
 
 
 def register_method(cls: type[Method]) -> type[Method]:
@@ -23,4 +26,5 @@ def get_method(name: str, **options) -> Method:
         raise ValueError(f"Method {name!r}: bad option(s) {sorted(options)}: {error}") from None
 
 
-__all__ = ["METHODS", "Method", "HiFICL", "InContext", "ZeroShot", "get_method", "register_method"]
+__all__ = ["METHODS", "Method", "HiFICL", "InContext", "Live", "Lora", "MimIC", "ZeroShot", "get_method",
+           "register_method"]

@@ -7,6 +7,7 @@ to this interface.
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC
 from pathlib import Path
 from typing import Any, ClassVar
@@ -43,9 +44,23 @@ class Method(ABC):
         """The segments the model sees for `example` (without its answer)."""
         return self.task.query_prompt(example)
 
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Training loss of a batch whose `labels` mark the answer tokens: cross-entropy on those tokens."""
+    def training_batch(self, items: list[Example]) -> dict[str, Any]:
+        """Model inputs for training items: the prompt then the target, right-padded, `labels` on the target."""
+        return self.backbone.encode([self.prompt(e) for e in items], [self.task.target_text(e) for e in items],
+                                    padding_side="right")
+
+    def loss(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        """Training loss of a `training_batch`: cross-entropy on the answer tokens."""
         return model(**batch).loss
+
+    def param_groups(self, lr: float) -> list[dict[str, Any]] | None:
+        """Optimiser groups as ``[{"params": [names], "lr": ...}]`` when parameters need their own learning
+        rates (None: one group at `lr`)."""
+        return None
+
+    def disabled(self) -> contextlib.AbstractContextManager:
+        """A context in which the model is the untouched base model (for teachers)."""
+        return contextlib.nullcontext()
 
     def generate(self, batch: dict[str, torch.Tensor], **generation: Any) -> torch.Tensor:
         with torch.no_grad():

@@ -1,0 +1,199 @@
+"""The baselines (LIVE, MimIC, LoRA, retrieved ICL) and HiFICL's ablations under the common method interface."""
+
+import copy
+
+import pytest
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from hificl import pipeline
+from hificl.backbones import load_backbone
+from hificl.methods import get_method
+from hificl.methods.mimic import SHIFT_ATTR
+from hificl.methods.teacher import Teacher
+from hificl.run_config import RunConfig
+from hificl.tasks import Example, Task, get_task
+from pipeline_fixtures import save_tiny_vlm, write_colour_task
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("baselines")
+    return {"vlm": str(save_tiny_vlm(root / "vlm")), "task": write_colour_task(root / "task")}
+
+
+def _setup(workspace, name, **options):
+    """The method set up on a fresh backbone; `backbone.original` is an untouched copy taken before setup."""
+    backbone = load_backbone(workspace["vlm"])
+    backbone.original = copy.deepcopy(backbone.model)
+    task = get_task("jsonl", train=workspace["task"]["train"], test=workspace["task"]["test"])
+    method = get_method(name, **options)
+    method.setup(backbone, task, 0)
+    return method, backbone, task
+
+
+def _logits(model, batch):
+    model.eval()  # no dropout (peft puts its model in train mode)
+    with torch.no_grad():
+        return model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+
+
+@pytest.mark.parametrize("name", ["live", "mimic", "lora"])
+def test_injected_modules_are_no_ops_where_their_math_says(workspace, name):
+    method, backbone, task = _setup(workspace, name, **({"shots": 2} if name != "lora" else {}))
+    original = backbone.original
+    batch = method.training_batch(task.splits["train"][:3])
+    student = batch["student"] if "student" in batch else batch
+    expected = _logits(original, student)
+    if name == "live":  # not a no-op at init (documented); exactly one with zero vectors
+        assert not torch.allclose(_logits(method.model, student), expected, atol=1e-7)
+        with torch.no_grad():
+            method.model.shifts.vectors.zero_()
+    if name == "mimic":  # |mu v| <= 1e-3-ish at init (documented); exactly the base with v = 0
+        assert torch.allclose(_logits(method.model, student), expected, atol=1e-2)
+        with torch.no_grad():
+            method.model.shifts.shift.zero_()
+    torch.testing.assert_close(_logits(method.model, student), expected, rtol=1e-5, atol=1e-5)
+    method.close()
+    torch.testing.assert_close(_logits(backbone.model, student), expected, rtol=0, atol=0)
+
+
+def _mimic_reference(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kw):
+    """float64 restatement: SA + mu v with mu = Z1_hat / (Z1_hat + Z2), Z2 over the visible keys."""
+    shift, weight, bias = (p.double() for p in getattr(module, SHIFT_ATTR)())
+    q = query.double()
+    groups = q.shape[1] // key.shape[1]
+    k = key.double().repeat_interleave(groups, 1)
+    v = value.double().repeat_interleave(groups, 1)
+    scores = q @ k.transpose(-1, -2) * (scaling or q.shape[-1] ** -0.5)
+    visible = attention_mask[..., : k.shape[2]] if attention_mask is not None else torch.ones_like(scores, dtype=torch.bool).tril()
+    scores = scores.masked_fill(~visible, float("-inf"))
+    sa = torch.softmax(scores, -1).nan_to_num(0.0) @ v
+    z2 = scores.exp().sum(-1, keepdim=True)
+    z1 = torch.exp((q * weight[None, :, None]).sum(-1, keepdim=True) + bias[None, :, None, None])
+    out = sa + z1 / (z1 + z2) * shift[None, :, None]
+    return out.transpose(1, 2).to(query.dtype), None
+
+
+def test_mimic_attention_equals_a_float64_reference(workspace):
+    method, backbone, task = _setup(workspace, "mimic", shots=2)
+    with torch.no_grad():
+        shifts = method.model.shifts
+        shifts.shift.normal_(0, 0.5)
+        shifts.weight.normal_(0, 0.3)
+        shifts.bias.normal_(0, 1.0)
+    batch = backbone.encode([task.query_prompt(e) for e in task.splits["test"][:3]], padding_side="right")
+    fast = _logits(method.model, batch)
+    AttentionInterface.register("mimic_reference_test", _mimic_reference)
+    AttentionMaskInterface.register("mimic_reference_test", lambda *a, **k: sdpa_mask(*a, **{**k, "allow_is_causal_skip": False}))
+    method.routing.set("mimic_reference_test")
+    reference = _logits(method.model, batch)
+    method.routing.set("hificl_mimic")
+    mask = batch["attention_mask"].bool()
+    assert ((fast - reference)[mask].abs().max() / reference[mask].abs().max()) < 1e-5
+    with method.disabled():
+        base = _logits(method.model, batch)
+    assert (fast - base)[mask].abs().max() > 1e-3
+    method.close()
+
+
+@pytest.mark.parametrize("name", ["live", "mimic", "hificl"])
+def test_teacher_targets_come_from_the_untouched_model(workspace, name):
+    options = {"shots": 2} if name != "hificl" else {"teacher_weight": 1.0, "teacher_shots": 2, "value_b_std": 0.5}
+    method, backbone, task = _setup(workspace, name, **options)
+    original = backbone.original
+    items = task.splits["train"][:2]
+    batch = method.training_batch(items)
+    student, teacher = batch["student"], batch["teacher"]
+    for row in range(2):  # the student's tokens are the tail of the teacher's
+        n, start = int(student["attention_mask"][row].sum()), int(teacher["offsets"][row])
+        assert torch.equal(teacher["input_ids"][row, start:start + n], student["input_ids"][row, :n])
+    teacher_logits, _ = Teacher.run(method.model, method.disabled, teacher)
+    expected = _logits(original, {k: v for k, v in teacher.items() if k != "offsets"})
+    torch.testing.assert_close(teacher_logits, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(_logits(method.model, student), _logits(original, student), atol=1e-6)
+    method.close()
+
+
+@pytest.mark.parametrize("name, options", [("live", {"shots": 2}), ("mimic", {"shots": 2}), ("lora", {}),
+                                           ("hificl", {"teacher_weight": 0.5, "teacher_shots": 2})])
+def test_each_method_trains_only_its_parameters_and_round_trips(workspace, name, options, tmp_path):
+    method, backbone, task = _setup(workspace, name, **options)
+    model = method.model
+    batch = method.training_batch(task.splits["train"][:4])
+    loss = method.loss(model, batch)
+    assert torch.isfinite(loss)
+    loss.backward()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(p.grad is None for n, p in model.named_parameters() if n not in trainable)
+    assert method.num_trainable_parameters() == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    student = batch["student"] if "student" in batch else batch
+    before = _logits(model, student)
+    method.save(tmp_path)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.zero_()
+    method.load(tmp_path)
+    torch.testing.assert_close(_logits(model, student), before, rtol=0, atol=0)
+    method.close()
+
+
+def test_live_has_separate_learning_rates_for_vectors_and_scales(workspace):
+    method, _, _ = _setup(workspace, "live", shots=2)
+    groups = method.param_groups(5e-3)
+    assert groups == [{"params": ["shifts.vectors"], "lr": 5e-3}, {"params": ["shifts.scales"], "lr": 1e-2}]
+    method.close()
+
+
+def test_lora_targets_only_the_language_model_attention(workspace):
+    method, backbone, _ = _setup(workspace, "lora")
+    names = [n for n, m in method.model.named_modules() if hasattr(m, "lora_A")]
+    assert names and all("text_model" in n and "self_attn" in n for n in names)
+    assert {n.rsplit(".", 1)[-1] for n in names} == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    method.close()
+    assert not any(hasattr(m, "lora_A") for m in backbone.model.modules())
+
+
+def test_retrieval_returns_the_true_nearest_neighbours():
+    points = {f"e{i}": torch.tensor([float(i), 1.0]) for i in range(10)}
+    examples = [Example(f"e{i}", f"q{i}", ("a",)) for i in range(10)]
+    task = Task("toy", {"train": examples, "test": examples}, template="{question}")
+    method = get_method("icl", shots=3, selection="retrieval", features=lambda xs: torch.stack([points[x.id] for x in xs]))
+    method.setup(None, task, 0)
+    query = Example("query", "q", ("a",))
+    points["query"] = torch.tensor([4.0, 1.0])
+    # cosine similarity to (4, 1): the nearest directions are 4, then 3 and 5 (5: 0.9998, 3: 0.9997), then 6 ...
+    by_hand = sorted(range(10), key=lambda i: -torch.nn.functional.cosine_similarity(points[f"e{i}"], points["query"], 0))
+    chosen = method.demonstrations(query)
+    assert [e.id for e in chosen] == [f"e{i}" for i in reversed(by_hand[:3])]
+    assert chosen[-1].id == "e4", "the nearest demonstration sits next to the query"
+    assert all(e.id != "e4" for e in method.demonstrations(examples[4])), "a query never retrieves itself"
+
+
+def test_model_feature_retrieval_runs_on_the_backbone(workspace):
+    method, _, task = _setup(workspace, "icl", shots=2, selection="retrieval", pool_size=10)
+    demos = method.demonstrations(task.splits["test"][0])
+    assert len(demos) == 2 and all(d in method.pool for d in demos)
+
+
+def test_compare_reports_every_baseline(workspace, tmp_path):
+    config = RunConfig.from_dict({
+        "backbone": workspace["vlm"], "output_dir": str(tmp_path), "progress": False, "validation_samples": 0,
+        "task": {"name": "jsonl", "train": workspace["task"]["train"], "test": workspace["task"]["test"]},
+        "methods": [{"name": "zero-shot"}, {"name": "icl", "shots": 2, "selection": "retrieval", "pool_size": 8},
+                    {"name": "live", "shots": 2}, {"name": "mimic", "shots": 2}, {"name": "lora"},
+                    {"name": "hificl", "fixed_alpha": True}],
+        "train": {"epochs": 1, "batch_size": 8, "grad_accum": 1}, "eval": {"batch_size": 4, "max_new_tokens": 3}})
+    results = pipeline.compare(config)
+    names = [row["method"] for row in results["rows"]]
+    assert names == ["zero-shot", "2-shot ICL (retrieved)", "LIVE", "MimIC", "LoRA", "HiFICL (fixed_alpha)"]
+    for row in results["rows"][2:]:
+        assert row["trainable_params"] > 0 and row["train_seconds_per_step"] > 0 and row["train_peak_memory_mb"] > 0
+    for row in results["rows"]:
+        assert row["seconds_per_query"] > 0 and row["prompt_tokens_per_query"] > 0
