@@ -197,3 +197,22 @@ def test_compare_reports_every_baseline(workspace, tmp_path):
         assert row["trainable_params"] > 0 and row["train_seconds_per_step"] > 0 and row["train_peak_memory_mb"] > 0
     for row in results["rows"]:
         assert row["seconds_per_query"] > 0 and row["prompt_tokens_per_query"] > 0
+
+
+def test_mimic_cached_generation_equals_full_recomputation(workspace):
+    method, backbone, task = _setup(workspace, "mimic", shots=2)
+    with torch.no_grad():
+        method.model.shifts.shift.normal_(0, 0.5)
+        method.model.shifts.weight.normal_(0, 0.3)
+    batch = backbone.encode([task.query_prompt(e) for e in task.splits["test"][:3]], padding_side="left")
+    outputs = []
+    for use_cache in (True, False):
+        with torch.no_grad():
+            out = method.model.generate(**batch, max_new_tokens=4, do_sample=False, use_cache=use_cache,
+                                        output_scores=True, return_dict_in_generate=True,
+                                        pad_token_id=backbone.pad_token_id)
+        outputs.append(out)
+    assert torch.equal(outputs[0].sequences, outputs[1].sequences)
+    for cached, full in zip(outputs[0].scores, outputs[1].scores):
+        torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-5)
+    method.close()

@@ -9,7 +9,8 @@ callable ``provider(batch_size, dtype) -> routing`` that says which virtual pair
 * a `VirtualPairs`: the same pairs for every row;
 * a list of ``(row_indices, VirtualPairs | None)``: a mixed-adapter batch, each group run on its own rows.
 
-The fast "exact" path prepends the virtual keys/values to the real ones and keeps the backend's fused kernel:
+The fast "exact" path prepends the virtual keys/values to the real ones and keeps the backend's fused kernel
+(decoding, one query per row, uses grouped math that reads the KV cache once instead):
 with no explicit mask (the mask builder skips it for unpadded causal batches) it also prepends ``n`` dummy
 queries, so that SDPA's top-left-aligned ``is_causal`` lets real query ``i`` (at row ``n + i``) see every
 virtual slot and the real keys ``0..i`` -- exactly the paper's masking, with no ``T x T`` tensor built;
@@ -100,6 +101,8 @@ def attend_with_prefix(module, query, key, value, mask, prefix_keys, prefix_valu
     the real keys/values (``[b, kv_heads, k, d]``, any GQA grouping) under the model's causal and padding mask,
     through SDPA's fused kernel. Value dims may differ from key dims. Returns ``[b, q, h, d_v]``."""
     batch, heads, q_len, _ = query.shape
+    if q_len == 1 and dropout == 0.0:
+        return _decode_with_prefix(query, key, value, mask, prefix_keys, prefix_values, scaling)
     groups = heads // key.shape[1]
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     n = prefix_keys.shape[2]
@@ -124,6 +127,27 @@ def attend_with_prefix(module, query, key, value, mask, prefix_keys, prefix_valu
             dropout_p=dropout, scale=scaling,
         )
     return out.transpose(1, 2).contiguous()
+
+
+def _decode_with_prefix(query, key, value, mask, prefix_keys, prefix_values, scaling) -> torch.Tensor:
+    """One query per row (decoding): grouped-query math that reads the KV cache once, like the backend, instead
+    of expanding it per query head and copying it next to the prefix. Returns ``[b, 1, h, d_v]``."""
+    batch, heads, _, dim = query.shape
+    kv_heads, n = key.shape[1], prefix_keys.shape[2]
+    groups = heads // kv_heads
+    scale = scaling if scaling is not None else dim ** -0.5
+    grouped = query.reshape(batch, kv_heads, groups, dim)
+    real = torch.matmul(grouped, key.transpose(-1, -2)) * scale  # [b, kv_heads, groups, k]
+    if mask is not None:
+        mask = mask[..., : key.shape[2]].reshape(mask.shape[0], -1, 1, key.shape[2])  # [b, 1 or h, 1, k]
+        if mask.shape[1] == heads:
+            mask = mask.reshape(mask.shape[0], kv_heads, groups, key.shape[2])
+        real = real.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else real + mask
+    prefix = torch.matmul(query, prefix_keys.transpose(-1, -2)).reshape(batch, kv_heads, groups, n) * scale
+    probs = torch.softmax(torch.cat([prefix, real], -1), dim=-1, dtype=torch.float32).to(query.dtype)
+    prefix_values = prefix_values.reshape(batch, kv_heads, groups, n, -1)
+    out = torch.matmul(probs[..., None, :n], prefix_values).squeeze(-2) + torch.matmul(probs[..., n:], value)
+    return out.reshape(batch, heads, 1, -1).transpose(1, 2).contiguous()
 
 
 def _exact(module, query, key, value, mask, pairs, dropout, scaling, is_causal) -> torch.Tensor:
