@@ -9,7 +9,7 @@ head dim 64), causal, unpadded, 8 virtual pairs of rank 8 with gradients:
                for the normaliser, kept for backward);
 * concat+mask -- [K_v; K] concatenated with an explicit boolean mask (the obvious alternative).
 
-Times are medians of repeated runs, reported as ratios to `base` measured in the same run. Memory is the
+Times are medians of repeated, interleaved runs, reported as ratios to `base` measured in the same run. Memory is the
 size of the tensors autograd keeps for backward (deduplicated by storage), which is where a T^2 term shows;
 on CUDA the peak allocated memory is reported too.
 
@@ -59,28 +59,38 @@ class _SavedBytes:
         return sum(self.storages.values()) / 2**20
 
 
-def measure(fn, inputs, repeats: int, device: str) -> tuple[float, float, float]:
-    """Median seconds of forward+backward, saved-for-backward MiB, and CUDA peak MiB (0 on CPU)."""
-    times, saved = [], _SavedBytes()
-    for index in range(repeats + 1):
-        leaves = [x.detach().requires_grad_(True) for x in inputs]
+def _run_once(fn, inputs, device: str, saved: _SavedBytes | None = None) -> float:
+    leaves = [x.detach().requires_grad_(True) for x in inputs]
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    if saved is not None:
+        with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
+            out = fn(*leaves)
+    else:
+        out = fn(*leaves)
+    out.float().square().mean().backward()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def measure(variants: dict, inputs, repeats: int, device: str) -> dict[str, tuple[float, float, float]]:
+    """Per variant: median seconds of forward+backward, saved-for-backward MiB, CUDA peak MiB (0 on CPU).
+    Variants run interleaved, round by round, so that a change in machine load hits them all alike."""
+    memory = {}
+    for name, fn in variants.items():  # warm-up, and the memory measurements
+        saved = _SavedBytes()
         if device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        hooks = torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t) if index == 0 else None
-        if hooks:
-            with hooks:
-                out = fn(*leaves)
-        else:
-            out = fn(*leaves)
-        out.float().square().mean().backward()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        if index > 0:  # the first run warms up and measures memory
-            times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else 0.0
-    return statistics.median(times), saved.megabytes, peak
+        _run_once(fn, inputs, device, saved)
+        memory[name] = (saved.megabytes, torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else 0.0)
+    times = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            times[name].append(_run_once(fn, inputs, device))
+    return {name: (statistics.median(times[name]),) + memory[name] for name in variants}
 
 
 def run(args) -> list[dict]:
@@ -108,7 +118,7 @@ def run(args) -> list[dict]:
             "authors": with_normalizer("unmasked"),
             "concat+mask": lambda q, k, v: _concat_with_mask(module, q, k, v, VirtualPairs(*virtual(q.dtype))),
         }
-        results = {name: measure(fn, inputs, args.repeats, args.device) for name, fn in variants.items()}
+        results = measure(variants, inputs, args.repeats, args.device)
         base_time, base_saved, base_peak = results["base"]
         for name, (seconds, saved, peak) in results.items():
             rows.append({
