@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 
 import hificl.model as hificl_model
 from hificl import (AdapterMismatchError, HiFICLConfig, HiFICLConfigError, HiFICLModel, UnsupportedModelError,

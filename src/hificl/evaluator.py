@@ -74,21 +74,27 @@ def evaluate(method: Method, examples: Sequence[Example], config: GenerationConf
         for example, tokens in zip(chunk, output[:, batch["input_ids"].shape[1]:]):
             raw = backbone.decode(tokens)
             answer = task.postprocess(raw)
-            score = task.score(answer, example)
-            scores.append(score)
+            score = task.score(answer, example)  # None under a corpus metric: the whole set is scored below
+            if score is not None:
+                scores.append(score)
             predictions.append({"id": example.id, "question": example.question, "prediction": answer,
                                 "raw": raw, "answers": list(example.answers), "score": score})
         bar.update(len(chunk))
-        bar.set_postfix(acc=f"{sum(scores) / len(scores):.3f}")
+        if scores:
+            bar.set_postfix(acc=f"{sum(scores) / len(scores):.3f}")
     bar.close()
     model.train(was_training)
+    summary = task.score_corpus([p["prediction"] for p in predictions], examples)
+    for prediction, score in zip(predictions, summary.per_example):
+        prediction["score"] = score
     metrics = {
-        "accuracy": sum(scores) / len(scores),
+        "accuracy": summary.score,
         "metric": task.metric,
-        "num_queries": len(scores),
-        "seconds_per_query": seconds / len(scores),
-        "prompt_tokens_per_query": prompt_tokens / len(scores),
+        "num_queries": len(predictions),
+        "seconds_per_query": seconds / len(predictions),
+        "prompt_tokens_per_query": prompt_tokens / len(predictions),
         "generation": asdict(config) | {"max_new_tokens": max_new_tokens},
+        **summary.details,
     }
     return EvalResult(metrics, predictions)
 

@@ -39,7 +39,7 @@ class Run:
         self.task: Task = get_task(config.task["name"], **task_options)
         self.methods = [get_method(spec["name"], **{k: v for k, v in spec.items() if k != "name"})
                         for spec in config.methods]
-        self.backbone: Backbone = load_backbone(config.backbone, config.dtype)
+        self.backbone: Backbone = load_backbone(config.backbone, config.dtype, config.chat_template)
         if torch.cuda.is_available():
             self.backbone.model.to("cuda")
         self.train_examples = self.task.subset("train", config.train_samples, config.seed)
@@ -127,6 +127,10 @@ class Run:
                 method.close()
         return points
 
+    def write_test_ids(self) -> None:
+        """The ids of the test questions, beside the results (the published evaluation subset)."""
+        atomic_write_json(self.output_dir / "test_ids.json", [example.id for example in self.test_examples])
+
     def report_header(self) -> dict[str, Any]:
         return {
             "config": self.config.to_dict(), "task": self.task.name, "backbone": self.backbone.name,
@@ -145,6 +149,7 @@ def compare(config: RunConfig) -> dict[str, Any]:
 
     started = time.perf_counter()
     run = Run(config)
+    run.write_test_ids()
     rows = []
     for method in run.methods:
         rows += run.run_method(method)
@@ -180,6 +185,7 @@ def evaluate_config(config: RunConfig, adapter: str | None = None) -> dict[str, 
     from .report import write_report
 
     run = Run(config)
+    run.write_test_ids()
     rows = []
     for method in run.methods:
         method.setup(run.backbone, run.task, config.seed)

@@ -24,6 +24,8 @@ class RunConfig:
     Attributes:
         backbone: "embedded" (default SmolVLM), "embedded-text" (SmolLM2 alone), or a local folder / model id.
         dtype: the backbone's dtype ("float32", "bfloat16", "float16").
+        chat_template: null uses the model's chat template where it has one (the embedded models keep plain
+            prompts), true requires it, false uses plain prompts (e.g. the paper's Idefics2 base prompt).
         task: {"name": a registered task, plus its options} (e.g. {"name": "jsonl", "train": ..., "test": ...}).
         methods: a list of {"name": method, plus its options}; `train` uses the trainable one.
         train / eval: `TrainConfig` and `GenerationConfig` fields.
@@ -38,6 +40,7 @@ class RunConfig:
 
     backbone: str | None = "embedded"
     dtype: str = "float32"
+    chat_template: bool | None = None
     task: dict[str, Any] = field(default_factory=lambda: {"name": "easy-vqa"})
     methods: list[dict[str, Any]] = field(default_factory=lambda: [{"name": "zero-shot"}, {"name": "hificl"}])
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -92,6 +95,8 @@ class RunConfig:
             if not isinstance(point, dict) or set(point) != {"samples", "epochs"} or not all(
                     isinstance(v, int) and v > 0 for v in point.values()):
                 raise ValueError(f"data_efficiency[{index}] must be {{samples: N, epochs: E}} with positive ints, got {point!r}.")
+        if self.chat_template is not None and not isinstance(self.chat_template, bool):
+            raise ValueError(f"Config field 'chat_template' must be true, false or null, got {self.chat_template!r}.")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"Config field 'dtype' must be float32, bfloat16 or float16, got {self.dtype!r}.")
 

@@ -1,20 +1,51 @@
-"""Backbones: `load_backbone(spec)` gives the embedded default, or any local path / model id."""
+"""Backbones: `load_backbone(spec)` gives the embedded default, or any local path / model id, as the backbone of
+its family (chosen by the model's config class: see `hificl.backbones.families`)."""
 
 from __future__ import annotations
 
 import torch
 
 from .base import IGNORE_INDEX, Backbone
+from .families import LlavaBackbone, QwenVLBackbone, default_families
 
 EMBEDDED = "embedded"
 EMBEDDED_TEXT = "embedded-text"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_REGISTERED: list[tuple[type, type[Backbone]]] = []
 
 
-def load_backbone(spec: str | None = None, dtype: str = "float32") -> Backbone:
+def register_family(config_class: type, backbone_class: type[Backbone]) -> None:
+    """Serve models whose config is a `config_class` (or a subclass) with `backbone_class` (takes precedence over
+    the built-in families)."""
+    _REGISTERED.insert(0, (config_class, backbone_class))
+
+
+def family_for(config) -> type[Backbone]:
+    """The backbone class for a model config: its multimodal family, or the generic backbone for a text-only
+    decoder. A multimodal config of no known family is refused (its image layout is unknown)."""
+    for config_class, backbone_class in _REGISTERED + default_families():
+        if isinstance(config, config_class):
+            return backbone_class
+    if getattr(config, "vision_config", None) is not None:
+        known = sorted(c.__name__ for c, _ in _REGISTERED + default_families())
+        raise ValueError(f"No backbone family for {type(config).__name__} (supported: {', '.join(known)}). Add one "
+                         "with hificl.backbones.register_family(ConfigClass, BackboneClass).")
+    return Backbone
+
+
+def _chat_template(template: str | None, wanted: bool | None, spec: str) -> str | None:
+    if wanted is True and not template:
+        raise ValueError(f"chat_template is true but {spec!r} has no chat template.")
+    return template if wanted is not False and template else None
+
+
+def load_backbone(spec: str | None = None, dtype: str = "float32", chat_template: bool | None = None) -> Backbone:
     """`None`/"embedded": the embedded SmolVLM (real SmolLM2 + this project's vision tower); "embedded-text":
     SmolLM2-135M-Instruct alone; anything else: a local folder or model id loaded with transformers (a model
-    whose config has a vision part is loaded with its processor as an image-text-to-text model)."""
+    whose config has a vision part is loaded with its processor as an image-text-to-text model).
+
+    `chat_template`: None uses the model's chat template where it has one (the embedded models keep their plain
+    prompt, with which their results were measured), True requires it, False never uses it (plain prompts)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}.")
     torch_dtype = DTYPES[dtype]
@@ -22,25 +53,35 @@ def load_backbone(spec: str | None = None, dtype: str = "float32") -> Backbone:
         from ..embedded import load_embedded_vlm
 
         model, processor = load_embedded_vlm()
-        return Backbone(model.to(torch_dtype).eval(), processor.tokenizer, processor, name="embedded SmolVLM (SmolLM2-135M)")
+        template = _chat_template(processor.chat_template, chat_template or False, "embedded")
+        return Backbone(model.to(torch_dtype).eval(), processor.tokenizer, processor,
+                        name="embedded SmolVLM (SmolLM2-135M)", chat_template=template)
     if spec == EMBEDDED_TEXT:
         from ..embedded import load_smollm2
 
         model, tokenizer = load_smollm2(dtype=torch_dtype)
-        return Backbone(model, tokenizer, name="SmolLM2-135M-Instruct")
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+        template = _chat_template(tokenizer.chat_template, chat_template or False, EMBEDDED_TEXT)
+        return Backbone(model, tokenizer, name="SmolLM2-135M-Instruct", chat_template=template)
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
     try:
         config = AutoConfig.from_pretrained(spec)
     except (OSError, ValueError) as error:
         raise ValueError(f"Cannot load a model config from {spec!r} ({error}). Give a local model folder or a "
                          "model id reachable from this machine, or 'embedded'.") from None
-    if getattr(config, "vision_config", None) is not None:
-        model = AutoModelForImageTextToText.from_pretrained(spec, dtype=torch_dtype)
-        processor = AutoProcessor.from_pretrained(spec)
-        return Backbone(model.eval(), processor.tokenizer, processor, name=str(spec))
-    model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch_dtype)
-    return Backbone(model.eval(), AutoTokenizer.from_pretrained(spec), name=str(spec))
+    family = family_for(config)
+    if getattr(config, "vision_config", None) is None:
+        model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch_dtype)
+        tokenizer = AutoTokenizer.from_pretrained(spec)
+        return family(model.eval(), tokenizer, name=str(spec),
+                      chat_template=_chat_template(tokenizer.chat_template, chat_template, spec))
+    model = AutoModelForImageTextToText.from_pretrained(spec, dtype=torch_dtype)
+    processor = family.load_processor(spec)
+    tokenizer = getattr(processor, "tokenizer", None) or AutoTokenizer.from_pretrained(spec)
+    template = getattr(processor, "chat_template", None) or tokenizer.chat_template
+    return family(model.eval(), tokenizer, processor, name=str(spec),
+                  chat_template=_chat_template(template, chat_template, spec))
 
 
-__all__ = ["Backbone", "IGNORE_INDEX", "load_backbone", "EMBEDDED", "EMBEDDED_TEXT"]
+__all__ = ["Backbone", "EMBEDDED", "EMBEDDED_TEXT", "IGNORE_INDEX", "LlavaBackbone", "QwenVLBackbone", "family_for",
+           "load_backbone", "register_family"]

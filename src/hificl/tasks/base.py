@@ -1,19 +1,22 @@
 """Tasks: examples, prompts and metrics. A task knows nothing of models or methods.
 
 A prompt is a list of *segments*: text strings and `ImageRef`s. Backbones turn segments into model inputs with
-their own image placeholder, so one task serves any model.
+their own image placeholder, so one task serves any model. Two kinds of text segment carry structure that a
+backbone with a chat template needs: an `Instruction` (stated once, at the start of the prompt) and an `Answer`
+(a demonstration's answer: the assistant's turn). Both are plain strings to everything else.
 """
 
 from __future__ import annotations
 
 import random
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
+from typing import Sequence, Union
 
 from PIL import Image
 
-from ..metrics import get_metric, postprocess_generation
+from ..metrics import cider_d, get_metric, postprocess_generation
 
 DEFAULT_TEMPLATE = "{image}Question: {question}\nAnswer:"
 DEFAULT_STOP = ("\n", "Question", "Answer", "Image", "Short")
@@ -35,7 +38,47 @@ class ImageRef:
             raise ValueError(f"Cannot read image {self.path}: {error}. Replace or remove that example.") from None
 
 
+class Instruction(str):
+    """The task's instruction. Backbones put it first in the prompt, once, even when it comes after
+    demonstrations in the segment list (a query prompt starts with it; demonstrations do not repeat it)."""
+
+
+class Answer(str):
+    """An answer as it follows its prompt: ``prefix + text + suffix`` as a string (a base prompt shows it so),
+    with the bare answer in `text` (what a chat template puts in the assistant's turn)."""
+
+    text: str
+    prefix: str
+    suffix: str
+
+    def __new__(cls, text: str, prefix: str = " ", suffix: str = "\n") -> "Answer":
+        answer = super().__new__(cls, f"{prefix}{text}{suffix}")
+        answer.text, answer.prefix, answer.suffix = text, prefix, suffix
+        return answer
+
+    def __reduce__(self):
+        return Answer, (self.text, self.prefix, self.suffix)
+
+
 Segment = Union[str, ImageRef]
+
+
+@dataclass(frozen=True)
+class CorpusScore:
+    """A metric computed over a whole evaluated set.
+
+    Attributes:
+        score: the headline number (for CIDEr-D the corpus score, the mean of the per-example scores).
+        per_example: one score per prediction, in order.
+        details: further metrics of the set (e.g. CHAIR), written beside the headline number.
+    """
+
+    score: float
+    per_example: list[float]
+    details: dict = field(default_factory=dict)
+
+
+CORPUS_METRICS = ("cider_d",)
 
 
 @dataclass(frozen=True)
@@ -74,12 +117,15 @@ class Task:
     Attributes:
         name: the task's name in results.
         splits: "train", "validation" and "test" lists of examples.
-        template: the query prompt, with `{question}` and optionally `{image}` (where the image goes).
+        template: the query prompt, with `{question}` (optional when no example has a question, e.g. captions)
+            and optionally `{image}` (where the image goes).
         answer_prefix: put between the prompt and the answer in demonstrations and training targets.
         answer_suffix: ends an answer (the generation stops there).
-        metric: a name from `hificl.metrics.METRICS`.
+        metric: a per-example metric from `hificl.metrics.METRICS`, or a corpus metric (`CORPUS_METRICS`:
+            "cider_d"), scored over the whole evaluated set by `score_corpus`.
         stop_strings: generation is cut at the first of these.
         max_new_tokens: generation budget.
+        instruction: text stated once at the start of every prompt (empty: none).
     """
 
     name: str
@@ -90,18 +136,30 @@ class Task:
     metric: str = "vqa_accuracy"
     stop_strings: tuple[str, ...] = DEFAULT_STOP
     max_new_tokens: int = 20
+    instruction: str = ""
     _metric_fn: object = field(init=False, repr=False)
 
     def __post_init__(self):
-        if "{question}" not in self.template:
-            raise ValueError(f"Task {self.name!r}: the template must contain '{{question}}', got {self.template!r}.")
-        self._metric_fn = get_metric(self.metric)
         for split in ("train", "test"):
             if not self.splits.get(split):
                 raise ValueError(f"Task {self.name!r} has no {split!r} examples.")
+        if "{question}" not in self.template and any(e.question for examples in self.splits.values() for e in examples):
+            raise ValueError(f"Task {self.name!r}: the template must contain '{{question}}', got {self.template!r}.")
+        self._metric_fn = None if self.metric in CORPUS_METRICS else get_metric(self.metric)
+        if self.metric == "cider_d":
+            require_cider()
+
+    @property
+    def corpus_metric(self) -> bool:
+        """Whether the metric scores the whole evaluated set at once (`score_corpus`) rather than per example."""
+        return self._metric_fn is None
 
     def query_prompt(self, example: Example) -> list[Segment]:
-        """The prompt that asks `example`'s question."""
+        """The prompt that asks `example`'s question, opened by the instruction (if any)."""
+        prompt = self._body(example)
+        return [Instruction(self.instruction)] + prompt if self.instruction else prompt
+
+    def _body(self, example: Example) -> list[Segment]:
         before, _, after = self.template.partition("{image}")
         if "{image}" not in self.template:
             before, after = "", self.template
@@ -110,22 +168,39 @@ class Task:
             segments.append(before.format(question=example.question))
         if example.image is not None:
             segments.append(example.image)
-        segments.append(after.format(question=example.question))
+        if after:
+            segments.append(after.format(question=example.question))
         return segments
 
-    def target_text(self, example: Example) -> str:
+    def target_text(self, example: Example) -> Answer:
         """What the model must produce after the prompt: prefix, answer, suffix."""
-        return f"{self.answer_prefix}{example.target}{self.answer_suffix}"
+        return Answer(example.target, self.answer_prefix, self.answer_suffix)
 
     def demonstration(self, example: Example) -> list[Segment]:
-        """`example` as an in-context demonstration: its prompt with the answer filled in."""
-        return self.query_prompt(example) + [self.target_text(example)]
+        """`example` as an in-context demonstration: its prompt (without the instruction, which opens the whole
+        prompt once) with the answer filled in."""
+        return self._body(example) + [self.target_text(example)]
 
     def postprocess(self, generation: str) -> str:
         return postprocess_generation(generation, self.stop_strings)
 
-    def score(self, prediction: str, example: Example) -> float:
-        return self._metric_fn(prediction, list(example.answers))
+    def score(self, prediction: str, example: Example) -> float | None:
+        """The per-example score; None under a corpus metric (see `score_corpus`)."""
+        return None if self._metric_fn is None else self._metric_fn(prediction, list(example.answers))
+
+    def score_corpus(self, predictions: Sequence[str], examples: Sequence[Example]) -> CorpusScore:
+        """Score a whole evaluated set: the mean of per-example scores, or the corpus metric (CIDEr-D over the
+        set, the references being each example's `answers`)."""
+        if len(predictions) != len(examples):
+            raise ValueError(f"{len(predictions)} predictions for {len(examples)} examples.")
+        if self._metric_fn is not None:
+            scores = [self.score(p, e) for p, e in zip(predictions, examples)]
+            return CorpusScore(sum(scores) / len(scores), scores)
+        ids = [e.id for e in examples]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"Task {self.name!r}: example ids must be unique to score {self.metric}.")
+        score, per_image = cider_d(dict(zip(ids, predictions)), {e.id: list(e.answers) for e in examples})
+        return CorpusScore(score, [per_image[i] for i in ids])
 
     def subset(self, split: str, limit: int | None = None, seed: int = 3407) -> list[Example]:
         """The first `limit` examples of a seeded shuffle of `split` (all of them, shuffled, if no limit)."""
@@ -134,6 +209,19 @@ class Task:
         examples = list(self.splits[split])
         random.Random(seed).shuffle(examples)
         return examples if limit is None else examples[:limit]
+
+
+def require_cider() -> None:
+    """Fail early (before any training) when CIDEr-D cannot run: it needs pycocoevalcap and a Java runtime."""
+    try:
+        import pycocoevalcap  # noqa: F401
+    except ImportError:
+        raise ImportError("CIDEr-D needs the COCO caption toolkit: pip install pycocoevalcap==1.2 "
+                          "(or pip install -e '.[captions]').") from None
+    if shutil.which("java") is None:
+        raise FileNotFoundError("CIDEr-D runs the Stanford PTB tokenizer, which needs Java, but `java` is not on "
+                                "PATH. Install a runtime (e.g. apt-get install default-jre-headless, or conda install "
+                                "-c conda-forge openjdk) and run again.")
 
 
 def split_off_validation(train: list[Example], size: int, seed: int) -> tuple[list[Example], list[Example]]:
