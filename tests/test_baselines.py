@@ -99,20 +99,28 @@ def test_mimic_attention_equals_a_float64_reference(workspace):
 
 
 @pytest.mark.parametrize("name", ["live", "mimic", "hificl"])
-def test_teacher_targets_come_from_the_untouched_model(workspace, name):
+@pytest.mark.parametrize("instruction", ["", "Answer with one colour word."])
+def test_teacher_targets_come_from_the_untouched_model(workspace, name, instruction):
     options = {"shots": 2} if name != "hificl" else {"teacher_weight": 1.0, "teacher_shots": 2, "value_b_std": 0.5}
     method, backbone, task = _setup(workspace, name, **options)
+    task.instruction = instruction  # stated once before the demonstrations: student and teacher differ in front
     original = backbone.original
     items = task.splits["train"][:2]
     batch = method.training_batch(items)
     student, teacher = batch["student"], batch["teacher"]
-    for row in range(2):  # the student's tokens are the tail of the teacher's
-        n, start = int(student["attention_mask"][row].sum()), int(teacher["offsets"][row])
-        assert torch.equal(teacher["input_ids"][row, start:start + n], student["input_ids"][row, :n])
+    aligned = Teacher.aligned_mask(teacher, student)
+    for row in range(2):  # aligned positions hold the same tokens; they cover the answer and its prediction
+        n, offset = int(student["attention_mask"][row].sum()), int(teacher["offsets"][row])
+        start = int(teacher["starts"][row])
+        assert torch.equal(teacher["input_ids"][row, offset + start:offset + n], student["input_ids"][row, start:n])
+        answer = (student["labels"][row] != -100).nonzero().flatten()
+        assert aligned[row, answer.min() - 1:n].all() and aligned[row].sum() == n - start
+        assert (start > 0) == bool(instruction)
     teacher_logits, _ = Teacher.run(method.model, method.disabled, teacher)
-    expected = _logits(original, {k: v for k, v in teacher.items() if k != "offsets"})
+    expected = _logits(original, {k: v for k, v in teacher.items() if k not in ("offsets", "starts")})
     torch.testing.assert_close(teacher_logits, expected, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(_logits(method.model, student), _logits(original, student), atol=1e-6)
+    assert torch.isfinite(method.loss(method.model, batch))
     method.close()
 
 
@@ -187,12 +195,15 @@ def test_compare_reports_every_baseline(workspace, tmp_path):
         "backbone": workspace["vlm"], "output_dir": str(tmp_path), "progress": False, "validation_samples": 0,
         "task": {"name": "jsonl", "train": workspace["task"]["train"], "test": workspace["task"]["test"]},
         "methods": [{"name": "zero-shot"}, {"name": "icl", "shots": 2, "selection": "retrieval", "pool_size": 8},
-                    {"name": "live", "shots": 2}, {"name": "mimic", "shots": 2}, {"name": "lora"},
+                    {"name": "live", "shots": 2}, {"name": "mimic", "shots": 2},
+                    {"name": "lora", "train": {"epochs": 2, "lr": 5e-4}},
                     {"name": "hificl", "fixed_alpha": True}],
         "train": {"epochs": 1, "batch_size": 8, "grad_accum": 1}, "eval": {"batch_size": 4, "max_new_tokens": 3}})
     results = pipeline.compare(config)
     names = [row["method"] for row in results["rows"]]
     assert names == ["zero-shot", "2-shot ICL (retrieved)", "LIVE", "MimIC", "LoRA", "HiFICL (fixed_alpha)"]
+    steps = {row["method"]: row["train_steps"] for row in results["rows"][2:]}
+    assert steps["LoRA"] == 2 * steps["LIVE"], "a method's own train settings override the run's"
     for row in results["rows"][2:]:
         assert row["trainable_params"] > 0 and row["train_seconds_per_step"] > 0 and row["train_peak_memory_mb"] > 0
     for row in results["rows"]:

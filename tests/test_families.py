@@ -135,11 +135,12 @@ def test_train_eval_report_per_family(workspace, tmp_path, family):
         "backbone": _model(workspace, family, chat=family in ("llava_qwen2", "qwen3_vl")),
         "output_dir": str(tmp_path), "progress": False, "train_samples": 4, "validation_samples": 2,
         "task": {"name": "vqav2", "root": workspace["vqa_root"], "validation_images": 1, "test_size": 3},
-        "methods": [{"name": "zero-shot"}, {"name": "hificl"}],
+        "methods": [{"name": "zero-shot"}, {"name": "hificl"}, {"name": "mimic", "shots": 2},
+                    {"name": "live", "shots": 2}],
         "train": {"epochs": 1, "batch_size": 2, "grad_accum": 1, "lr": 0.05},
         "eval": {"batch_size": 3, "num_beams": 3, "max_new_tokens": 3}})
-    results = pipeline.compare(config)
-    assert [r["method"] for r in results["rows"]] == ["zero-shot", "HiFICL"]
+    results = pipeline.compare(config)  # the teachers align under instructions and chat templates
+    assert [r["method"] for r in results["rows"]] == ["zero-shot", "HiFICL", "MimIC", "LIVE"]
     assert results["rows"][1]["train_steps"] == 2 and results["num_test"] == 3
     assert all(0 <= r["accuracy"] <= 1 and r["metric"] == "vqa_accuracy" for r in results["rows"])
     assert json.loads((tmp_path / "results.json").read_text())["backbone"].endswith(f"{family}-" + (

@@ -68,7 +68,7 @@ def test_cli_train_then_eval_with_the_saved_adapter(workspace, tmp_path, capsys)
     assert json.loads((tmp_path / "e" / "results.json").read_text())["rows"][0]["trainable_params"] == 0
 
 
-def _trainer(workspace, out, epochs=2, seed=5):
+def _trainer(workspace, out, epochs=2, seed=5, mixed_precision="no"):
     backbone = load_backbone(workspace["vlm"])
     task = get_task("jsonl", train=workspace["task"]["train"], test=workspace["task"]["test"])
     method = get_method("hificl", init_seed=1)
@@ -78,7 +78,7 @@ def _trainer(workspace, out, epochs=2, seed=5):
     def collate(items):
         return backbone.encode([method.prompt(e) for e in items], [task.target_text(e) for e in items], "right")
 
-    config = TrainConfig(epochs=epochs, batch_size=5, grad_accum=2, lr=0.05, seed=seed)
+    config = TrainConfig(epochs=epochs, batch_size=5, grad_accum=2, lr=0.05, seed=seed, mixed_precision=mixed_precision)
     return Trainer(method.model, method.loss, examples, collate, config, out, save_artifact=method.save,
                    progress=False), method
 
@@ -108,6 +108,15 @@ def test_resume_after_an_interruption_gives_the_same_adapter(workspace, tmp_path
     changed, _ = _trainer(workspace, tmp_path / "broken", epochs=3, seed=6)
     with pytest.raises(ValueError, match="settings changed"):
         changed.train()
+
+
+def test_trainers_with_different_precisions_run_in_one_process(workspace, tmp_path):
+    first, _ = _trainer(workspace, tmp_path / "fp32", epochs=1)
+    first.train()
+    second, method = _trainer(workspace, tmp_path / "bf16", epochs=1, mixed_precision="bf16")
+    result = second.train()
+    assert second.accelerator.mixed_precision == "bf16" and result.steps == second.total_steps
+    assert all(p.dtype == torch.float32 for p in method.model.adapters.parameters())
 
 
 def test_loss_mask_covers_exactly_the_answer_tokens(workspace):
@@ -186,6 +195,10 @@ def test_bad_inputs_raise_clear_errors(workspace, tmp_path):
     with pytest.raises(ValueError, match="key=value"):
         load_run_config(None, ["train.epochs"])
     assert cli_main(["compare", "--set", "eval.num_beams=0"]) == 2
+    with pytest.raises(ValueError, match="Unknown train setting"):
+        pipeline._build_method({"name": "hificl", "train": {"lrr": 1}})
+    with pytest.raises(ValueError, match="not trained"):
+        pipeline._build_method({"name": "zero-shot", "train": {"lr": 1.0}})
     backbone = load_backbone(workspace["lm"])
     task = get_task("jsonl", train=workspace["task"]["train"], test=workspace["task"]["test"])
     with pytest.raises(ValueError, match="text-only"):

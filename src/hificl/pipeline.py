@@ -21,7 +21,7 @@ from .io import atomic_write_json
 from .methods import Method, get_method
 from .run_config import RunConfig
 from .tasks import Task, get_task
-from .trainer import Trainer
+from .trainer import TrainConfig, Trainer
 
 
 def _method_slug(method: Method) -> str:
@@ -37,8 +37,7 @@ class Run:
         self.output_dir = Path(config.output_dir)
         task_options = {k: v for k, v in config.task.items() if k != "name"}
         self.task: Task = get_task(config.task["name"], **task_options)
-        self.methods = [get_method(spec["name"], **{k: v for k, v in spec.items() if k != "name"})
-                        for spec in config.methods]
+        self.methods = [_build_method(spec) for spec in config.methods]
         self.backbone: Backbone = load_backbone(config.backbone, config.dtype, config.chat_template)
         if torch.cuda.is_available():
             self.backbone.model.to("cuda")
@@ -49,10 +48,12 @@ class Run:
 
     # ------------------------------------------------------------------------------------------ training
     def train_method(self, method: Method, folder: Path, train_examples=None, epochs: int | None = None) -> dict[str, Any]:
-        """Train `method` (already set up); returns the training record. Checkpoints go to `folder`."""
-        config = self.config.train
+        """Train `method` (already set up); returns the training record. Checkpoints go to `folder`. The
+        method's own ``train`` overrides (e.g. LoRA's learning rate) apply on top of the run's settings."""
+        overrides = dict(method.train_overrides)
         if epochs is not None:
-            config = type(config)(**{**vars(config), "epochs": epochs})
+            overrides["epochs"] = epochs
+        config = TrainConfig.from_dict({**vars(self.config.train), **overrides})
         examples = train_examples if train_examples is not None else self.train_examples
 
         def validate():
@@ -104,13 +105,13 @@ class Run:
 
     def data_efficiency(self) -> list[dict[str, Any]]:
         """Accuracy of the trainable method against the number of training samples."""
-        trainable = [spec for spec in self.config.methods if get_method(**spec).trainable]
+        trainable = [spec for spec in self.config.methods if _build_method(spec).trainable]
         if not trainable or not self.config.data_efficiency:
             return []
         spec = trainable[0]
         points = []
         for point in self.config.data_efficiency:
-            method = get_method(**spec)
+            method = _build_method(spec)
             method.setup(self.backbone, self.task, self.config.seed)
             try:
                 examples = self.task.subset("train", point["samples"], self.config.seed)
@@ -141,6 +142,20 @@ class Run:
                             "machine": platform.machine(), "python": platform.python_version()},
             "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
+
+
+def _build_method(spec: dict[str, Any]) -> Method:
+    """A method from its config entry: ``{name, options..., train: {TrainConfig overrides}}``."""
+    options = {k: v for k, v in spec.items() if k not in ("name", "train")}
+    method = get_method(spec["name"], **options)
+    overrides = spec.get("train") or {}
+    if not isinstance(overrides, dict):
+        raise ValueError(f"Method {spec['name']!r}: 'train' must be a mapping of training settings, got {overrides!r}.")
+    if overrides and not method.trainable:
+        raise ValueError(f"Method {spec['name']!r} is not trained, so it takes no 'train' settings.")
+    TrainConfig.from_dict(overrides)  # checks the names and values now, before anything runs
+    method.train_overrides = dict(overrides)
+    return method
 
 
 def compare(config: RunConfig) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from .io import atomic_write, atomic_write_json, atomic_write_text
 COLUMNS = [
     ("method", "method", "{}"),
     ("selection", "epoch", "{}"),
-    ("accuracy", "accuracy", "{:.2%}"),
+    ("accuracy", "score", None),
     ("trainable_params", "params", "{:,}"),
     ("train_seconds", "train time", "{:.0f} s"),
     ("train_seconds_per_step", "s / step", "{:.2f}"),
@@ -19,10 +19,20 @@ COLUMNS = [
 ]
 
 
-def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
+PERCENT_METRICS = ("vqa_accuracy", "exact_match")
+
+
+def format_score(value: float, metric: str) -> str:
+    """Accuracies as percentages; other metrics (CIDEr-D) as plain numbers."""
+    return f"{value:.2%}" if metric in PERCENT_METRICS else f"{value:.4f}"
+
+
+def _cell(row: dict[str, Any], key: str, fmt: str | None) -> str:
     value = row.get(key)
     if value is None or value == "":
         return "-"
+    if fmt is None:
+        return format_score(value, row.get("metric", ""))
     if key == "trainable_params" and not value:
         return "0"
     return fmt.format(value)
@@ -35,10 +45,12 @@ def markdown_table(results: dict[str, Any]) -> str:
              "|" + "|".join("---" for _ in columns) + "|"]
     lines += ["| " + " | ".join(_cell(row, key, fmt) for key, _, fmt in columns) + " |" for row in rows]
     text = (f"**{results['task']}** on {results['backbone']}: {results['num_test']} test questions, "
-            f"{results['num_train']} training samples, metric {rows[0].get('metric', '')}\n\n" + "\n".join(lines) + "\n")
+            f"{results['num_train']} training samples, score = {rows[0].get('metric', '')}\n\n" + "\n".join(lines) + "\n")
     if results.get("data_efficiency"):
-        text += "\nData efficiency (test accuracy vs training samples):\n\n| samples | epochs | accuracy |\n|---|---|---|\n"
-        text += "".join(f"| {p['samples']} | {p['epochs']} | {p['accuracy']:.2%} |\n" for p in results["data_efficiency"])
+        text += "\nData efficiency (test score vs training samples):\n\n| samples | epochs | score |\n|---|---|---|\n"
+        metric = rows[0].get("metric", "")
+        text += "".join(f"| {p['samples']} | {p['epochs']} | {format_score(p['accuracy'], metric)} |\n"
+                        for p in results["data_efficiency"])
     return text
 
 
@@ -58,7 +70,7 @@ def _plots(results: dict[str, Any], folder: Path) -> list[Path]:
         axis.annotate(f"{100 * row['accuracy']:.1f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                       ha="center", va="bottom", fontsize=8)
     axis.set_xticks(range(len(rows)), labels, fontsize=8)
-    axis.set_ylabel("test accuracy (%)")
+    axis.set_ylabel(f"test {rows[0].get('metric', 'score')} (x100)")
     axis.set_title(f"{results['task']} on {results['backbone']}")
     figure.tight_layout()
     written.append(folder / "accuracy.png")
@@ -77,8 +89,8 @@ def _plots(results: dict[str, Any], folder: Path) -> list[Path]:
                               ha="right", va="bottom", color="gray")
         axis.set_xscale("log")
         axis.set_xlabel("training samples")
-        axis.set_ylabel("test accuracy (%)")
-        axis.set_title("accuracy vs training samples (dashed: in-context learning)")
+        axis.set_ylabel(f"test {rows[0].get('metric', 'score')} (x100)")
+        axis.set_title("score vs training samples (dashed: in-context learning)")
         axis.legend()
         figure.tight_layout()
         written.append(folder / "data_efficiency.png")

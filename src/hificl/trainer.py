@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -100,6 +101,15 @@ class TrainResult:
         return asdict(self)
 
 
+def _accelerator(mixed_precision: str) -> Accelerator:
+    """An Accelerator with this precision. accelerate keeps one process-wide state; a single-process run that
+    asks for another precision than an earlier trainer (e.g. a comparison in one Python session) resets it."""
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") not in (None, mixed_precision) and AcceleratorState().num_processes == 1:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
+
+
 def _lr_factor(step: int, total: int, warmup: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
@@ -151,8 +161,7 @@ class Trainer:
         self.model, self.loss_fn, self.examples, self.collate = model, loss_fn, list(examples), collate
         self.config, self.output_dir = config, Path(output_dir)
         self.validate, self.save_artifact, self.progress = validate, save_artifact, progress
-        self.accelerator = Accelerator(mixed_precision=config.mixed_precision,
-                                       cpu=not torch.cuda.is_available())
+        self.accelerator = _accelerator(config.mixed_precision)
         self.params = _trainable(model)
         self.optimizer = torch.optim.AdamW(self._groups(param_groups), lr=config.lr, weight_decay=config.weight_decay)
         self.batches_per_epoch = math.ceil(len(self.examples) / config.batch_size)

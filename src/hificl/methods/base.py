@@ -30,6 +30,7 @@ class Method(ABC):
             raise ValueError(f"Method {self.name!r} takes no option(s) {sorted(options)}.")
         self.backbone: Backbone | None = None
         self.task: Task | None = None
+        self.train_overrides: dict[str, Any] = {}  # per-method training settings (e.g. LoRA's learning rate)
 
     def setup(self, backbone: Backbone, task: Task, seed: int) -> None:
         """Bind to a backbone and a task (build adapters, demonstration pools ...)."""

@@ -52,7 +52,7 @@ class HiFICL(Method):
             out = model(**student)
         _, teacher_hidden = Teacher.run(model, self.disabled, teacher, self.mlps)
         return out.loss + self.teacher_weight * layer_mse(teacher_hidden, student_hidden, teacher["offsets"],
-                                                          student["attention_mask"])
+                                                          Teacher.aligned_mask(teacher, student))
 
     @property
     def model(self) -> nn.Module:

@@ -81,7 +81,8 @@ class Live(Method):
         out = model(**student)
         teacher_logits, _ = Teacher.run(model, self.disabled, teacher)
         aligned = Teacher.align(teacher_logits, teacher["offsets"], student["input_ids"].shape[1])
-        kl = kl_teacher_student(aligned, out.logits, answer_positions(student["labels"]))
+        where = answer_positions(student["labels"]) & Teacher.aligned_mask(teacher, student)
+        kl = kl_teacher_student(aligned, out.logits, where)
         return self.ce_weight * out.loss + self.kl_weight * kl
 
     def param_groups(self, lr: float):

@@ -128,7 +128,7 @@ class MimIC(Method):
         with capture_outputs(self.mlps) as student_hidden:
             out = model(**student)
         _, teacher_hidden = Teacher.run(model, self.disabled, teacher, self.mlps)
-        align = layer_mse(teacher_hidden, student_hidden, teacher["offsets"], student["attention_mask"])
+        align = layer_mse(teacher_hidden, student_hidden, teacher["offsets"], Teacher.aligned_mask(teacher, student))
         return self.align_weight * align + self.ce_weight * out.loss
 
     def save(self, folder):

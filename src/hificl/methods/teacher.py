@@ -2,8 +2,11 @@
 demonstrations in context (adapter disabled, no gradient), aligned token by token with the student, which sees
 the query (and answer) alone.
 
-Both batches are right-padded; the student's real tokens are the last tokens of the teacher's real tokens, so
-student position ``j`` of row ``r`` is teacher position ``offset[r] + j``.
+Both batches are right-padded. The two sequences end alike (query, then answer) but may begin differently (an
+instruction or a system turn stated once before the demonstrations, a BOS token), so they are aligned on the
+tokens they share at the END: student position ``j`` of row ``r`` is teacher position ``offsets[r] + j`` for
+``j >= starts[r]``; `aligned_mask` marks those positions. The shared tail must cover the whole answer and the
+position that predicts its first token.
 """
 
 from __future__ import annotations
@@ -28,23 +31,36 @@ class Teacher:
         self.demos.setup(backbone, task, seed)
 
     def batch(self, items: list[Example], student: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The teacher inputs for `items` plus ``offsets`` (teacher position of each row's first student token)."""
+        """The teacher inputs for `items`, plus ``offsets`` and ``starts`` (see the module docstring)."""
         task, backbone = self.demos.task, self.demos.backbone
         teacher = backbone.encode([self.demos.prompt(e) for e in items], [task.target_text(e) for e in items],
                                   padding_side="right")
-        student_lengths = student["attention_mask"].sum(1)
-        teacher_lengths = teacher["attention_mask"].sum(1)
-        offsets = teacher_lengths - student_lengths
-        for row in range(len(items)):
-            n, start = int(student_lengths[row]), int(offsets[row])
-            if start < 0 or not torch.equal(teacher["input_ids"][row, start:start + n], student["input_ids"][row, :n]):
+        student_lengths = student["attention_mask"].sum(1).tolist()
+        teacher_lengths = teacher["attention_mask"].sum(1).tolist()
+        starts = []
+        for row, (n_student, n_teacher) in enumerate(zip(student_lengths, teacher_lengths)):
+            ours = student["input_ids"][row, :n_student].tolist()
+            theirs = teacher["input_ids"][row, :n_teacher].tolist()
+            shared = 0
+            while shared < min(n_student, n_teacher) and ours[n_student - 1 - shared] == theirs[n_teacher - 1 - shared]:
+                shared += 1
+            answer_start = int((student["labels"][row] != -100).nonzero().min())
+            if n_student - shared > answer_start - 1:
                 raise ValueError(
-                    f"Example {items[row].id!r}: the query tokenises differently after demonstrations than alone, "
-                    "so teacher and student tokens cannot be aligned. End the task's answer_suffix with a "
+                    f"Example {items[row].id!r}: after demonstrations the query and answer tokenise differently than "
+                    "alone, so teacher and student cannot be aligned. End the task's answer_suffix with a "
                     "separator (e.g. a newline) so the tokeniser cannot merge across it."
                 )
-        teacher["offsets"] = offsets
+            starts.append(n_student - shared)
+        teacher["offsets"] = torch.tensor(teacher_lengths) - torch.tensor(student_lengths)
+        teacher["starts"] = torch.tensor(starts)
         return teacher
+
+    @staticmethod
+    def aligned_mask(teacher: dict[str, torch.Tensor], student: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Boolean ``[b, T_student]``: the student positions that have a teacher counterpart."""
+        positions = torch.arange(student["input_ids"].shape[1], device=student["input_ids"].device)[None, :]
+        return (positions >= teacher["starts"][:, None]) & student["attention_mask"].bool()
 
     @staticmethod
     def align(values: torch.Tensor, offsets: torch.Tensor, length: int) -> torch.Tensor:
@@ -59,7 +75,7 @@ class Teacher:
     def run(model: nn.Module, disabled: Callable[[], contextlib.AbstractContextManager], teacher: dict,
             capture: list[nn.Module] | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Teacher logits and (optionally) the outputs of `capture` modules, without gradient or adapter."""
-        inputs = {k: v for k, v in teacher.items() if k not in ("offsets", "labels")}
+        inputs = {k: v for k, v in teacher.items() if k not in ("offsets", "starts", "labels")}
         with torch.no_grad(), disabled(), capture_outputs(capture or []) as outputs:
             logits = model(**inputs).logits
         return logits, outputs
@@ -97,8 +113,8 @@ def kl_teacher_student(teacher_logits: torch.Tensor, student_logits: torch.Tenso
 
 def layer_mse(teacher: list[torch.Tensor], student: list[torch.Tensor], offsets: torch.Tensor,
               mask: torch.Tensor) -> torch.Tensor:
-    """Mean over layers of the MSE between student and aligned teacher hidden states at the student's real
-    positions (query and answer)."""
+    """Mean over layers of the MSE between student and aligned teacher hidden states at the positions of
+    `mask` (the aligned query and answer positions)."""
     losses = []
     keep = mask.bool()
     for t, s in zip(teacher, student):
