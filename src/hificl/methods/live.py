@@ -9,18 +9,14 @@ token's MLP output is bounded by ``||a v|| ~ 0.1 * 0.01 * sqrt(hidden)`` relativ
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..io import atomic_write
 from ..routing import find_language_model
-from .base import Method
 from .teacher import Teacher, answer_positions, kl_teacher_student
-from .wrapped import ShiftedModel
+from .wrapped import TeacherShiftMethod
 
 
 class LiveShifts(nn.Module):
@@ -35,46 +31,33 @@ class LiveShifts(nn.Module):
         return shifted * (norm / shifted.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(hidden.dtype).tiny))
 
 
-class Live(Method):
+class Live(TeacherShiftMethod):
     name = "live"
-    trainable = True
+    label = "LIVE"
+    weights_file = "live.safetensors"
 
     def __init__(self, shots: int = 8, ce_weight: float = 0.5, kl_weight: float = 1.0, vector_lr: float = 5e-3,
                  scale_lr: float = 1e-2, **options: Any):
-        super().__init__(**options)
-        if isinstance(shots, bool) or not isinstance(shots, int) or shots < 1:
-            raise ValueError(f"live: shots (the teacher's demonstrations) must be an int >= 1, got {shots!r}.")
-        self.shots, self.ce_weight, self.kl_weight = shots, float(ce_weight), float(kl_weight)
+        super().__init__(shots, **options)
+        self.ce_weight, self.kl_weight = float(ce_weight), float(kl_weight)
         self.vector_lr, self.scale_lr = float(vector_lr), float(scale_lr)
-        self.teacher = Teacher(shots)
-        self.wrapped: ShiftedModel | None = None
         self._hooks: list = []
 
-    def setup(self, backbone, task, seed: int) -> None:
-        super().setup(backbone, task, seed)
-        self.teacher.setup(backbone, task, seed)
+    def build_shifts(self, backbone, seed: int) -> nn.Module:
         mlps = find_language_model(backbone.model).mlps()
         hidden = backbone.model.config.get_text_config(decoder=True).hidden_size
-        shifts = LiveShifts(len(mlps), hidden, torch.Generator().manual_seed(seed)).to(backbone.device)
-        self.wrapped = ShiftedModel(backbone.model, shifts)
-        for index, mlp in enumerate(mlps):
-            self._hooks.append(mlp.register_forward_hook(self._hook(index)))
+        self._hooks = [mlp.register_forward_hook(self._hook(index)) for index, mlp in enumerate(mlps)]
+        return LiveShifts(len(mlps), hidden, torch.Generator().manual_seed(seed))
+
+    def unhook(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
 
     def _hook(self, layer: int):
         def hook(_module, _inputs, output):
             return self.wrapped.shifts.shift(layer, output) if self.wrapped.active else output
         return hook
-
-    @property
-    def model(self) -> nn.Module:
-        return self.wrapped
-
-    def disabled(self):
-        return self.wrapped.disabled()
-
-    def training_batch(self, items):
-        student = super().training_batch(items)
-        return {"student": student, "teacher": self.teacher.batch(items, student)}
 
     def loss(self, model, batch):
         student, teacher = batch["student"], batch["teacher"]
@@ -87,21 +70,3 @@ class Live(Method):
 
     def param_groups(self, lr: float):
         return [{"params": ["shifts.vectors"], "lr": self.vector_lr}, {"params": ["shifts.scales"], "lr": self.scale_lr}]
-
-    def save(self, folder):
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.wrapped.shifts.state_dict().items()}
-        atomic_write(Path(folder) / "live.safetensors", lambda tmp: save_file(tensors, tmp))
-
-    def load(self, folder):
-        self.wrapped.shifts.load_state_dict(load_file(str(Path(folder) / "live.safetensors")))
-
-    def close(self):
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks = []
-        if self.wrapped is not None:
-            self.wrapped.release()
-            self.wrapped = None
-
-    def describe(self):
-        return {"method": "LIVE", "teacher_shots": self.shots}

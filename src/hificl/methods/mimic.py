@@ -16,22 +16,18 @@ directly rather than by cancellation), and ``SA`` is the real part divided by th
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ..core import attend_with_prefix
-from ..io import atomic_write
 from ..routing import route_attention
-from .base import Method
 from .teacher import Teacher, capture_outputs, layer_mse
-from .wrapped import ShiftedModel
+from .wrapped import TeacherShiftMethod
 
 MIMIC_ATTENTION = "hificl_mimic"
 SHIFT_ATTR = "hificl_mimic_shift"
@@ -80,48 +76,38 @@ class MimicShifts(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_layers, heads))
 
 
-class MimIC(Method):
+class MimIC(TeacherShiftMethod):
     name = "mimic"
-    trainable = True
+    label = "MimIC"
+    weights_file = "mimic.safetensors"
 
     def __init__(self, shots: int = 8, ce_weight: float = 0.5, align_weight: float = 1.0, **options: Any):
-        super().__init__(**options)
-        if isinstance(shots, bool) or not isinstance(shots, int) or shots < 1:
-            raise ValueError(f"mimic: shots (the teacher's demonstrations) must be an int >= 1, got {shots!r}.")
-        self.shots, self.ce_weight, self.align_weight = shots, float(ce_weight), float(align_weight)
-        self.teacher = Teacher(shots)
-        self.wrapped: ShiftedModel | None = None
+        super().__init__(shots, **options)
+        self.ce_weight, self.align_weight = float(ce_weight), float(align_weight)
         self.routing = None
 
-    def setup(self, backbone, task, seed: int) -> None:
-        super().setup(backbone, task, seed)
-        self.teacher.setup(backbone, task, seed)
+    def build_shifts(self, backbone, seed: int) -> nn.Module:
         register_mimic_attention()
         self.routing = route_attention(backbone.model, MIMIC_ATTENTION, purpose="add MimIC shifts")
-        first = self.routing.calls[0]
-        shifts = MimicShifts(len(self.routing.calls), first.num_query_heads, first.head_dim,
-                             torch.Generator().manual_seed(seed)).to(backbone.device)
-        self.wrapped = ShiftedModel(backbone.model, shifts)
         self.mlps = self.routing.mlps()
         for index, module in enumerate(self.routing.attention_modules):
             setattr(module, SHIFT_ATTR, functools.partial(self._params, index))
+        first = self.routing.calls[0]
+        return MimicShifts(len(self.routing.calls), first.num_query_heads, first.head_dim,
+                           torch.Generator().manual_seed(seed))
+
+    def unhook(self) -> None:
+        for module in self.routing.attention_modules:
+            if hasattr(module, SHIFT_ATTR):
+                delattr(module, SHIFT_ATTR)
+        self.routing.restore()
+        self.routing = None
 
     def _params(self, layer: int):
         if not self.wrapped.active:
             return None
         shifts = self.wrapped.shifts
         return shifts.shift[layer], shifts.weight[layer], shifts.bias[layer]
-
-    @property
-    def model(self) -> nn.Module:
-        return self.wrapped
-
-    def disabled(self):
-        return self.wrapped.disabled()
-
-    def training_batch(self, items):
-        student = super().training_batch(items)
-        return {"student": student, "teacher": self.teacher.batch(items, student)}
 
     def loss(self, model, batch):
         student, teacher = batch["student"], batch["teacher"]
@@ -130,24 +116,3 @@ class MimIC(Method):
         _, teacher_hidden = Teacher.run(model, self.disabled, teacher, self.mlps)
         align = layer_mse(teacher_hidden, student_hidden, teacher["offsets"], Teacher.aligned_mask(teacher, student))
         return self.align_weight * align + self.ce_weight * out.loss
-
-    def save(self, folder):
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.wrapped.shifts.state_dict().items()}
-        atomic_write(Path(folder) / "mimic.safetensors", lambda tmp: save_file(tensors, tmp))
-
-    def load(self, folder):
-        self.wrapped.shifts.load_state_dict(load_file(str(Path(folder) / "mimic.safetensors")))
-
-    def close(self):
-        if self.routing is not None:
-            for module in self.routing.attention_modules:
-                if hasattr(module, SHIFT_ATTR):
-                    delattr(module, SHIFT_ATTR)
-            self.routing.restore()
-            self.routing = None
-        if self.wrapped is not None:
-            self.wrapped.release()
-            self.wrapped = None
-
-    def describe(self):
-        return {"method": "MimIC", "teacher_shots": self.shots}
