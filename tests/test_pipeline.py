@@ -205,7 +205,17 @@ def test_bad_inputs_raise_clear_errors(workspace, tmp_path):
         backbone.encode([task.query_prompt(task.splits["test"][0])])
 
 
-def test_packaged_default_config_is_valid():
+def test_packaged_embedded_configs_are_valid():
     config = load_run_config(None)
-    assert config.backbone == "embedded" and config.task["name"] == "easy-vqa"
-    assert [m["name"] for m in config.methods] == ["zero-shot", "icl", "icl", "icl", "icl", "hificl"]
+    assert config.backbone == "embedded-text" and config.task["name"] == "capitals"
+    assert {m["name"] for m in config.methods} == {"zero-shot", "icl", "lora", "live", "mimic", "hificl"}
+    vlm = load_run_config("embedded-easyvqa")
+    assert vlm.backbone == "embedded" and vlm.task["name"] == "easy-vqa"
+
+
+def test_capitals_task_is_a_fixed_seeded_split():
+    task = get_task("capitals")
+    assert [len(task.splits[s]) for s in ("train", "validation", "test")] == [90, 20, 60]
+    assert get_task("capitals").splits["test"] == task.splits["test"]
+    ids = [e.id for split in task.splits.values() for e in split]
+    assert len(ids) == len(set(ids)) == 170

