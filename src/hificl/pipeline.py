@@ -8,6 +8,7 @@ chosen on validation AND for the last epoch.
 from __future__ import annotations
 
 import platform
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -25,8 +26,8 @@ from .trainer import TrainConfig, Trainer
 
 
 def _method_slug(method: Method) -> str:
-    described = method.describe()
-    return described["method"].lower().replace(" ", "-")
+    """A folder name for a method's results, e.g. "4-shot ICL (retrieved)" -> "4-shot-icl-retrieved"."""
+    return re.sub(r"[^a-z0-9.]+", "-", method.describe()["method"].lower()).strip("-")
 
 
 class Run:
