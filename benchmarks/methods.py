@@ -4,8 +4,11 @@ Training: median seconds of one optimiser step (forward, backward, AdamW step) o
 (the last two include their k-shot teacher forward, as they must), on the same training batches.
 Inference: mean seconds per query of zero-shot, k-shot ICL and HiFICL generating on the same test queries.
 
-    python benchmarks/methods.py                        # embedded default, easy-VQA, 8-shot teachers
+    python benchmarks/methods.py                        # embedded default and its easy-VQA prompt, 8-shot teachers
     python benchmarks/methods.py --backbone PATH --task jsonl --task-option train=... --task-option test=...
+
+Every method generates the same number of new tokens per query (the task's budget; generation is cut to the
+answer afterwards), so the inference times compare equal work.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 from hificl.backbones import load_backbone
 from hificl.evaluator import GenerationConfig, evaluate
 from hificl.methods import get_method
+from hificl.run_config import load_run_config
 from hificl.tasks import get_task
 
 
@@ -48,8 +52,10 @@ def step_seconds(method, batches, repeats: int) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backbone", default="embedded")
-    parser.add_argument("--task", default="easy-vqa")
+    parser.add_argument("--config", default="embedded-easyvqa",
+                        help="run config (YAML or packaged name) giving the default backbone, task and prompt")
+    parser.add_argument("--backbone", help="overrides the config's backbone")
+    parser.add_argument("--task", help="overrides the config's task (and drops its task options)")
     parser.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--shots", type=int, default=8, help="ICL shots and teacher demonstrations")
     parser.add_argument("--batch-size", type=int, default=4)
@@ -59,8 +65,11 @@ def main() -> None:
     parser.add_argument("--json", help="also write the measurements to this file")
     args = parser.parse_args()
 
-    task = get_task(args.task, **dict(option.split("=", 1) for option in args.task_option))
-    backbone = load_backbone(args.backbone)
+    config = load_run_config(args.config)
+    options = {} if args.task else {k: v for k, v in config.task.items() if k != "name"}
+    options.update(option.split("=", 1) for option in args.task_option)
+    task = get_task(args.task or config.task["name"], **options)
+    backbone = load_backbone(args.backbone or config.backbone)
     if torch.cuda.is_available():
         backbone.model.to("cuda")
     items = task.subset("train", args.batch_size * 3, seed=0)

