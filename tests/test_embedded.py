@@ -260,3 +260,23 @@ def test_build_stages_train_only_the_vision_side_and_the_added_rows(vlm):
             assert torch.equal(after[name], value), name
     assert any(not torch.equal(v, model.model.connector.state_dict()[k]) for k, v in connector_before.items())
     assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_build_writes_its_folder_atomically_and_checks_its_bars(tmp_path):
+    from hificl.embedded.build_vlm import check_bars, write_dir_atomically
+
+    out = tmp_path / "assets"
+    write_dir_atomically(out, {"a.json": b"1", "b.bin": b"xy"})
+    write_dir_atomically(out, {"a.json": b"2"})  # replaces the whole folder: no stale file survives
+    assert sorted(p.name for p in out.iterdir()) == ["a.json"] and (out / "a.json").read_bytes() == b"2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["assets"]  # no temporary folder left behind
+
+    def metrics(see, shots, verbose=0.9, multi=0.95, majority=0.4):
+        return {"see": {"accuracy": see}, "multi_image": {"last_image_accuracy": multi},
+                "icl": {"zero_shot_verbose_rate": verbose, "majority_rate": majority,
+                        "shots": {str(k): {"accuracy": a} for k, a in zip((0, 1, 2, 4, 8), shots)}}}
+
+    assert check_bars(metrics(0.97, (0.05, 0.4, 0.5, 0.55, 0.6))) == []
+    missed = check_bars(metrics(0.925, (0.05, 0.4, 0.5, 0.55, 0.42)))
+    assert len(missed) == 3 and "see accuracy 0.925" in missed[0] and "majority" in missed[1] and "rise" in missed[2]
+    assert any("rise" in m for m in check_bars(metrics(0.97, (0.05, 0.4, 0.7, 0.6, 0.6))))

@@ -47,18 +47,18 @@ class VirtualKV(nn.Module):
         values = self.v_full if hasattr(self, "v_full") else torch.matmul(self.v_a, self.v_b)
         return keys, values
 
-    def _cache_key(self, dtype: torch.dtype) -> tuple:
-        params = list(self.parameters())
+    def _cache_key(self, dtype: torch.dtype, params: tuple[torch.Tensor, ...]) -> tuple:
         return (dtype, params[0].device) + tuple((p.data_ptr(), p._version) for p in params)
 
     def forward(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        dtype = dtype or next(self.parameters()).dtype
-        needs_graph = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+        params = tuple(self._parameters.values())  # this module's own factors (it has no children): no recursion
+        dtype = dtype or params[0].dtype
+        needs_graph = torch.is_grad_enabled() and any(p.requires_grad for p in params)
         if needs_graph:
             self._cache.clear()
             keys, values = self._products()
             return keys.to(dtype), values.to(dtype)
-        key = self._cache_key(dtype)
+        key = self._cache_key(dtype, params)
         cached = self._cache.get(key)
         if cached is None:
             with torch.no_grad():
