@@ -223,3 +223,29 @@ def test_capitals_task_is_a_fixed_seeded_split():
     assert get_task("capitals").splits["test"] == task.splits["test"]
     ids = [e.id for split in task.splits.values() for e in split]
     assert len(ids) == len(set(ids)) == 170
+
+
+def test_cpu_peak_memory_is_per_training_run_where_linux_allows():
+    """Methods trained one after another in one process must not inherit each other's peak (checked in a fresh
+    process, whose resident memory is not already above the test's allocation)."""
+    import subprocess
+    import sys
+
+    script = """
+import torch
+from hificl.trainer import _peak_memory_mb, _reset_peak_memory
+cpu = torch.device("cpu")
+if not _reset_peak_memory(cpu):
+    print("skip"); raise SystemExit
+start = _peak_memory_mb(cpu)
+big = torch.ones(100_000_000)  # 400 MB, touched
+del big
+with_big = _peak_memory_mb(cpu)
+_reset_peak_memory(cpu)
+print(start, with_big, _peak_memory_mb(cpu))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
+    if out == ["skip"]:
+        pytest.skip("the OS does not allow resetting the peak: the CPU peak covers the whole process here")
+    start, with_big, after = map(float, out)
+    assert with_big > start + 300 and after < with_big - 300, (start, with_big, after)

@@ -124,9 +124,33 @@ def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
     return params
 
 
+def _reset_peak_memory(device: torch.device) -> bool:
+    """Start a fresh peak: CUDA's allocator statistics, or on Linux the process's resident-memory high-water
+    mark (so methods trained one after another in one process each get their own peak). False where the OS
+    does not allow it (the CPU peak then covers the whole process)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def _peak_memory_mb(device: torch.device) -> float:
+    """CUDA: peak allocated tensor memory. CPU: peak resident memory of the process (model included) since the
+    last `_reset_peak_memory` where the OS allows a reset, else since the process started."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # KiB
+    except OSError:
+        pass
     try:
         import resource
 
@@ -277,8 +301,7 @@ class Trainer:
             start_epoch = result.last_epoch + 1
             print(f"hificl: resuming after epoch {result.last_epoch} from {checkpoint}", flush=True)
         device = self.accelerator.device
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+        _reset_peak_memory(device)
         bar = tqdm(total=self.total_steps, initial=result.steps, desc="train", unit="step",
                    disable=not self.progress, dynamic_ncols=True)
         self.model.train()
