@@ -249,3 +249,20 @@ print(start, with_big, _peak_memory_mb(cpu))
         pytest.skip("the OS does not allow resetting the peak: the CPU peak covers the whole process here")
     start, with_big, after = map(float, out)
     assert with_big > start + 300 and after < with_big - 300, (start, with_big, after)
+
+
+def test_atomic_folder_keeps_the_old_folder_when_writing_fails(tmp_path):
+    from hificl.io import atomic_folder
+
+    target = tmp_path / "epoch-1"
+    with atomic_folder(target) as tmp:
+        (tmp / "a.txt").write_text("old")
+    with pytest.raises(RuntimeError, match="disk full"):
+        with atomic_folder(target) as tmp:
+            (tmp / "a.txt").write_text("half")
+            raise RuntimeError("disk full")
+    assert (target / "a.txt").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["epoch-1"]  # no temporary or set-aside folder left
+    with atomic_folder(target) as tmp:
+        (tmp / "b.txt").write_text("new")
+    assert sorted(p.name for p in target.iterdir()) == ["b.txt"] and len(list(tmp_path.iterdir())) == 1

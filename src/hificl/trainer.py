@@ -10,12 +10,11 @@ accelerate.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import random
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -28,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .io import atomic_write_json
+from .io import atomic_folder, atomic_write_json
 
 CHECKPOINT_PREFIX = "epoch-"
 
@@ -144,13 +143,11 @@ def _peak_memory_mb(device: torch.device) -> float:
     last `_reset_peak_memory` where the OS allows a reset, else since the process started."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
+    with contextlib.suppress(OSError):  # no /proc (not Linux): the resource module's peak below
         with open("/proc/self/status") as handle:
             for line in handle:
                 if line.startswith("VmHWM:"):
                     return int(line.split()[1]) / 1024  # KiB
-    except OSError:
-        pass
     try:
         import resource
 
@@ -219,10 +216,7 @@ class Trainer:
 
     def _save_checkpoint(self, epoch: int, result: TrainResult) -> None:
         """Write ``epoch-<n>/`` through a temporary folder renamed into place: a crash leaves no half checkpoint."""
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        final = self.output_dir / f"{CHECKPOINT_PREFIX}{epoch}"
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=self.output_dir))
-        try:
+        with atomic_folder(self.output_dir / f"{CHECKPOINT_PREFIX}{epoch}") as tmp:
             weights = {name: p.detach().cpu().contiguous() for name, p in self.params.items()}
             save_file(weights, str(tmp / "trainable.safetensors"))
             state = self.optimizer.state_dict()
@@ -244,12 +238,6 @@ class Trainer:
             }, indent=2))
             if self.save_artifact is not None:
                 self.save_artifact(tmp / "artifact")
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
 
     def latest_checkpoint(self) -> Path | None:
         epochs = []

@@ -16,18 +16,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import random
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import save
 
+from ..io import atomic_folder
 from . import evaluate, train
 from .data import COLORS, SHAPES, image_tensor, load_split
 from .smollm2 import load_smollm2
@@ -72,19 +70,10 @@ def check_bars(metrics: dict) -> list[str]:
 
 
 def write_dir_atomically(out: Path, files: dict[str, bytes]) -> None:
-    """Write ``files`` into a fresh folder beside ``out`` and swap it in with renames."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    for name, data in files.items():
-        (tmp / name).write_bytes(data)
-    os.chmod(tmp, 0o755)
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old)
+    """Replace the folder ``out`` by one holding exactly ``files``, in one rename."""
+    with atomic_folder(out) as tmp:
+        for name, data in files.items():
+            (tmp / name).write_bytes(data)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import prompts
-from .data import COLORS, SHAPES, Question, Split
+from .data import COLORS, Question, Split
 from .vlm import expand_image_tokens
 
 
