@@ -171,7 +171,7 @@ def test_alignment_loss_weights_cover_the_replies_only(smollm2):
     answer_words = "".join(text[a:b] for a, b, w in spans if w == 3.0)
     assert answer_words == " Yes triangle"  # the words that answer (seeded choice: "A triangle: ...")
     assert text_of(weights == 3.0) == answer_words
-    assert text_of(weights == 1.0) == " red circle blue triangle"  # the other content words
+    assert text_of(weights == 1.0) == " red circle A blue triangle"  # other content words, replies' first words
     assert set(weights[weights > 0].tolist()) == {0.25, 1.0, 3.0}
     image_rows = batch.input_ids[0] == tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     assert int(image_rows.sum()) == 2 * 16 and (batch.weights[0][image_rows] == 0).all()
@@ -248,7 +248,7 @@ def test_build_stages_train_only_the_vision_side_and_the_added_rows(vlm):
                    Question("what shape is present?", "triangle", 2), Question("is there a circle?", "yes", 3)])
     features = dict(enumerate(train.tower_features(model.model.vision_model, pixels)))
     connector_before = copy.deepcopy(model.model.connector.state_dict())
-    losses = train.align(model, tokenizer, split, features, steps=2, batch_size=2, max_images=2)
+    losses = train.align(model, tokenizer, split, features, steps=2, batch_size=2, max_images=2, bf16=True)
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
     after = model.model.text_model.state_dict()
     first_added = embed.shape[0] - len(ADDED_TOKENS)

@@ -1,9 +1,10 @@
 """Build the embedded VLM's trained weights: ``python -m hificl.embedded.build_vlm``.
 
 Deterministic for a given ``--seed`` and ``--minutes`` (on one machine); about 20 minutes on 2 CPU cores:
-1. vision tower + connector grounded in SmolLM2's word embeddings on easy-VQA TRAIN images (~3 min);
+1. vision tower + connector grounded in SmolLM2's word embeddings on easy-VQA TRAIN images (~4 min);
 2. connector + image-token rows trained through the frozen SmolLM2 on interleaved multi-image
-   sequences of questions and descriptions with full-sentence replies (TRAIN images only);
+   sequences of questions and descriptions with full-sentence replies (TRAIN images only; the LM
+   runs under bfloat16 autocast unless ``--fp32``, ~9 min);
 3. measured on easy-VQA TEST: description accuracy, last-image accuracy in 4-8 image contexts,
    0/1/2/4/8-shot VQA accuracy and time per query; zero-shot answers checked for verbosity.
 The weights (safetensors), the model config and ``build_metrics.json`` replace ``--out`` (default:
@@ -85,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", type=Path, default=None, help="SmolLM2 cache (default $HIFICL_CACHE or ~/.cache/hificl)")
     parser.add_argument("--icl-questions", type=int, default=100)
     parser.add_argument("--see-images", type=int, default=200)
+    parser.add_argument("--fp32", action="store_true",
+                        help="align in float32 instead of CPU bfloat16 autocast (slower where AVX512-BF16 exists)")
     parser.add_argument("--require-bars", action="store_true",
                         help="write nothing to --out (exit status 1) if the model misses a bar of BARS")
     args = parser.parse_args(argv)
@@ -110,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     ground_losses = train.ground(tower, connector, images, colors, shapes, train.word_embeddings(embed, tokenizer, COLORS),
                                  train.word_embeddings(embed, tokenizer, SHAPES), ground_steps, seed=args.seed)
     features = dict(zip(train_split.image_ids, train.tower_features(tower, images)))
-    align_losses = train.align(model, tokenizer, train_split, features, align_steps, seed=args.seed)
+    align_losses = train.align(model, tokenizer, train_split, features, align_steps, bf16=not args.fp32,
+                                 seed=args.seed)
     train_seconds = time.time() - start
 
     print("hificl: measuring on easy-VQA test", flush=True)
@@ -121,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     metrics["build"] = {
         "seed": args.seed, "minutes_arg": args.minutes, "ground_steps": ground_steps, "align_steps": align_steps,
+        "align_dtype": "float32" if args.fp32 else "bfloat16 autocast",
         "ground_loss_last20": sum(ground_losses[-20:]) / len(ground_losses[-20:]),
         "align_loss_last10": sum(align_losses[-10:]) / len(align_losses[-10:]),
         "train_seconds": round(train_seconds), "total_seconds": round(time.time() - start),
