@@ -7,6 +7,7 @@ chosen on validation AND for the last epoch.
 
 from __future__ import annotations
 
+import gc
 import platform
 import re
 import time
@@ -85,7 +86,10 @@ class Run:
             if not method.trainable:
                 return [{**base_row, **self.evaluate_method(method, folder, described["method"])}]
             training = self.train_method(method, folder / "train")
-            result, trainer = training["result"], training["trainer"]
+            result = training["result"]
+            checkpoints = {epoch: training["trainer"].checkpoint(epoch) for epoch in range(1, result.last_epoch + 1)}
+            del training  # the trainer's optimiser state and buffers are not needed to evaluate: free them
+            gc.collect()  # before the timed test evaluation
             cost = {"train_seconds": result.seconds, "train_seconds_per_step": result.seconds_per_step,
                     "train_steps": result.steps, "train_peak_memory_mb": result.peak_memory_mb,
                     "train_samples": len(self.train_examples), "epochs": result.last_epoch,
@@ -97,7 +101,7 @@ class Run:
             elif result.best_epoch is not None:
                 epochs = [("selected on validation = last epoch", result.last_epoch)]
             for selection, epoch in epochs:
-                method.load(trainer.checkpoint(epoch) / "artifact")
+                method.load(checkpoints[epoch] / "artifact")
                 metrics = self.evaluate_method(method, folder / f"test-epoch-{epoch}", described["method"])
                 rows.append({**base_row, **cost, **metrics, "epoch": epoch, "selection": selection})
             return rows
