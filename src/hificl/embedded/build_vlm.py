@@ -1,6 +1,6 @@
 """Build the embedded VLM's trained weights: ``python -m hificl.embedded.build_vlm``.
 
-Deterministic for a given ``--seed`` and ``--minutes`` (on one machine); about 20 minutes on 2 CPU cores:
+Deterministic for a given ``--seed`` and ``--minutes`` (on one machine); about 17 minutes on 2 CPU cores:
 1. vision tower + connector grounded in SmolLM2's word embeddings on easy-VQA TRAIN images (~4 min);
 2. connector + image-token rows trained through the frozen SmolLM2 on interleaved multi-image
    sequences of questions and descriptions with full-sentence replies (TRAIN images only; the LM
