@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
-from hificl.core import PROVIDER_ATTR, HiFICLConfig, VirtualKV, VirtualPairs, hificl_attention_forward
+from hificl.core import PROVIDER_ATTR, Formula, HiFICLConfig, VirtualKV, VirtualPairs, hificl_attention_forward
 
 
 def _concat_with_mask(module, query, key, value, virtual: VirtualPairs):
@@ -106,16 +106,16 @@ def run(args) -> list[dict]:
         shape_q, shape_kv = (1, args.heads, t, args.head_dim), (1, args.kv_heads, t, args.head_dim)
         inputs = [torch.randn(s, device=args.device, dtype=dtype) for s in (shape_q, shape_kv, shape_kv)]
 
-        def with_normalizer(normalizer):
+        def with_formula(formula):
             def fn(q, k, v):
-                setattr(module, PROVIDER_ATTR, lambda b, dt: VirtualPairs(*virtual(dt), normalizer))
+                setattr(module, PROVIDER_ATTR, lambda b, dt: VirtualPairs(*virtual(dt), formula))
                 return hificl_attention_forward(module, q, k, v, None)[0]
             return fn
 
         variants = {
             "base": lambda q, k, v: sdpa_attention_forward(module, q, k, v, None)[0],
-            "exact": with_normalizer("exact"),
-            "authors": with_normalizer("unmasked"),
+            "exact": with_formula(Formula.EXACT),
+            "authors": with_formula(Formula.UNMASKED),
             "concat+mask": lambda q, k, v: _concat_with_mask(module, q, k, v, VirtualPairs(*virtual(q.dtype))),
         }
         results = measure(variants, inputs, args.repeats, args.device)

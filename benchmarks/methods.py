@@ -20,16 +20,19 @@ import time
 
 import torch
 
+from accelerate.utils import send_to_device
+
 from hificl.backbones import load_backbone
 from hificl.evaluator import GenerationConfig, evaluate
 from hificl.methods import get_method
 from hificl.run_config import load_run_config
+from hificl.seeding import Seeds
 from hificl.tasks import get_task
 
 
-def step_seconds(method, batches, repeats: int) -> tuple[float, float]:
+def step_seconds(parts, batches, repeats: int) -> tuple[float, float]:
     """Median seconds per training step and the step's loss, after one warm-up step."""
-    model = method.model
+    model = parts.model
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
@@ -37,7 +40,7 @@ def step_seconds(method, batches, repeats: int) -> tuple[float, float]:
     for index in range(repeats + 1):
         batch = batches[index % len(batches)]
         start = time.perf_counter()
-        loss_tensor = method.loss(model, batch)
+        loss_tensor = parts.objective.loss(model, batch)
         loss_tensor.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -68,7 +71,8 @@ def main() -> None:
     config = load_run_config(args.config)
     options = {} if args.task else {k: v for k, v in config.task.items() if k != "name"}
     options.update(option.split("=", 1) for option in args.task_option)
-    task = get_task(args.task or config.task["name"], **options)
+    task = get_task(args.task or config.task["name"], seed=config.seed, **options)
+    seeds = Seeds(0, 0)
     backbone = load_backbone(args.backbone or config.backbone)
     if torch.cuda.is_available():
         backbone.model.to("cuda")
@@ -77,32 +81,30 @@ def main() -> None:
     queries = task.subset("test", args.queries, seed=0)
     device = backbone.device
 
-    def to_device(batch):
-        return {k: to_device(v) if isinstance(v, dict) else v.to(device) for k, v in batch.items()}
-
     training = {}
     for name, options in [("hificl", {}), ("lora", {}), ("live", {"shots": args.shots}), ("mimic", {"shots": args.shots})]:
         method = get_method(name, **options)
-        method.setup(backbone, task, 0)
+        parts = method.build(backbone, task, seeds)
         try:
-            batches = [to_device(method.training_batch(chunk)) for chunk in chunks]
-            seconds, loss = step_seconds(method, batches, args.steps)
-            training[method.describe()["method"]] = {"seconds_per_step": seconds, "loss": loss,
-                                                     "trainable_params": method.num_trainable_parameters()}
+            batches = [send_to_device(parts.objective.batch(chunk), device) for chunk in chunks]
+            seconds, loss = step_seconds(parts, batches, args.steps)
+            training[method.label] = {"seconds_per_step": seconds, "loss": loss,
+                                      "trainable_params": parts.adapter.get_nb_trainable_parameters()[0]}
         finally:
-            method.close()
+            parts.close()
 
     inference = {}
     config = GenerationConfig(batch_size=args.eval_batch_size)
     for name, options in [("zero-shot", {}), ("icl", {"shots": args.shots}), ("hificl", {})]:
         method = get_method(name, **options)
-        method.setup(backbone, task, 0)
+        parts = method.build(backbone, task, seeds)
         try:
-            evaluate(method, queries[: args.eval_batch_size], config, progress=False)  # warm-up
-            metrics = evaluate(method, queries, config, progress=False).metrics
-            inference[method.describe()["method"]] = {k: metrics[k] for k in ("seconds_per_query", "prompt_tokens_per_query")}
+            evaluate(parts.model, parts.prompter, backbone, task, queries[: args.eval_batch_size], config,
+                     progress=False)  # warm-up
+            metrics = evaluate(parts.model, parts.prompter, backbone, task, queries, config, progress=False).metrics
+            inference[method.label] = {k: metrics[k] for k in ("seconds_per_query", "prompt_tokens_per_query")}
         finally:
-            method.close()
+            parts.close()
 
     hificl_step = training["HiFICL"]["seconds_per_step"]
     zero = inference["zero-shot"]["seconds_per_query"]

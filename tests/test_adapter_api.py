@@ -8,11 +8,10 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
-import hificl.model as hificl_model
+import hificl.adapters as hificl_adapters
 from hificl import (AdapterMismatchError, HiFICLConfig, HiFICLConfigError, HiFICLModel, UnsupportedModelError,
                     get_hificl_model)
-from helpers import attach, padded_inputs, real_rows, rel_err
-from tiny_models import build
+from fixtures import attach, build, padded_inputs, real_rows, rel_err
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +160,7 @@ def test_an_interrupted_save_keeps_the_previous_adapter(llama, tmp_path, monkeyp
             handle.write(b"half a file")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(hificl_model, "save_file", broken_save)
+    monkeypatch.setattr(hificl_adapters, "save_file", broken_save)
     with torch.no_grad():
         model.adapters["default"].layers["0"].v_b.add_(1.0)
     with pytest.raises(KeyboardInterrupt):

@@ -9,9 +9,10 @@ import shutil
 
 import pytest
 
-from benchmark_fixtures import save_family, write_karpathy, write_vqa
+from fixtures import save_family, write_karpathy, write_vqa
 from hificl import pipeline
 from hificl.cli import main as cli_main
+from hificl.metrics import MetricUnavailableError
 from hificl.run_config import RunConfig, load_run_config, packaged_configs
 from hificl.tasks import Answer, Instruction, get_task, read_vqa
 
@@ -71,7 +72,7 @@ def test_vqa_accuracy_agrees_with_hand_computed_values(data):
 
 def test_coco_karpathy_reader_splits_and_targets(data):
     task = get_task("coco-captions", root=data["coco"], validation_images=2)
-    assert task.name == "coco-captions" and task.metric == "cider_d" and task.corpus_metric
+    assert task.name == "coco-captions" and task.metric == "cider_d" and task.scorer.corpus_level
     assert sorted(e.id for e in task.splits["test"]) == ["9001", "9002"], "Karpathy val is the test set"
     assert len(task.splits["train"]) == 6 and len(task.splits["validation"]) == 2, "train + restval, 2 held out"
     example = task.splits["test"][0]
@@ -125,8 +126,8 @@ def test_clear_errors_for_bad_data(data, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"does not cover 1 test image\(s\) \(e.g. \['9102'\]\)"):
         get_task("coco-captions", root=str(coco), test_split="test", instances="annotations/instances_train2014.json",
                  validation_images=0)
-    monkeypatch.setattr("hificl.tasks.base.shutil.which", lambda name: None)
-    with pytest.raises(FileNotFoundError, match="needs Java, but `java` is not on PATH"):
+    monkeypatch.setattr("hificl.metrics.cider.shutil.which", lambda name: None)
+    with pytest.raises(MetricUnavailableError, match="needs Java, but `java` is not on PATH"):
         get_task("coco-captions", root=data["coco"], validation_images=0)
 
 
@@ -150,16 +151,16 @@ def test_train_eval_report_per_dataset(data, tmp_path, dataset, family, chat):
     assert [r["method"] for r in results["rows"]][:2] == ["zero-shot", "2-shot ICL"]
     metric = "cider_d" if dataset == "coco-captions" else "vqa_accuracy"
     for row in results["rows"]:
-        assert row["metric"] == metric and row["num_queries"] == saved["num_test"] and row["accuracy"] >= 0
+        assert row["metric"] == metric and row["num_queries"] == saved["num_test"] and row[metric] >= 0
         if metric == "cider_d":
             assert {"chair_s", "chair_i", "chair_recall"} <= set(row)
     hificl = [r for r in results["rows"] if r["method"] == "HiFICL"]
-    assert hificl and hificl[-1]["train_steps"] == 2 * 2 and all(r["history"][0]["val_accuracy"] >= 0 for r in hificl)
+    assert hificl and hificl[-1]["train_steps"] == 2 * 2 and all(r["history"][0][f"val_{metric}"] >= 0 for r in hificl)
     assert sorted(json.loads((out / "test_ids.json").read_text())) == sorted(
         json.loads(line)["id"] for line in (out / "zero-shot" / "predictions.jsonl").read_text().splitlines())
     predictions = [json.loads(line) for line in (out / "zero-shot" / "predictions.jsonl").read_text().splitlines()]
     zero_shot = results["rows"][0]
-    assert zero_shot["accuracy"] == pytest.approx(sum(p["score"] for p in predictions) / len(predictions))
+    assert zero_shot[metric] == pytest.approx(sum(p["score"] for p in predictions) / len(predictions))
     assert (out / "results.md").read_text().startswith("**") and (out / "accuracy.png").stat().st_size > 0
 
 

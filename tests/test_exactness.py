@@ -5,8 +5,7 @@ paper's ablations: alpha fixed to 1, full-rank virtual keys and values)."""
 import pytest
 import torch
 
-from helpers import attach, padded_inputs, real_rows, reference_logits, rel_err
-from tiny_models import FAMILIES, build
+from fixtures import FAMILIES, attach, build, padded_inputs, real_rows, reference_logits, rel_err
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

@@ -10,18 +10,18 @@ from PIL import Image
 from transformers import Blip2Config, LlamaConfig
 
 import hificl.backbones as backbones
-import tiny_models
-from benchmark_fixtures import save_family, write_vqa
+from fixtures import MULTIMODAL_FAMILIES, build, write_colour_task, write_vqa
 from hificl import pipeline
 from hificl.backbones import (IGNORE_INDEX, Backbone, LlavaBackbone, QwenVLBackbone, family_for, load_backbone,
                               register_family)
 from hificl.evaluator import GenerationConfig, evaluate
 from hificl.methods import get_method
+from hificl.registry import Registry
 from hificl.run_config import RunConfig, load_run_config
+from hificl.seeding import Seeds
 from hificl.tasks import ImageRef, get_task
-from pipeline_fixtures import write_colour_task
 
-MULTIMODAL = tiny_models.MULTIMODAL_FAMILIES
+MULTIMODAL = MULTIMODAL_FAMILIES
 EXPECTED_CLASS = {"llava_qwen2": LlavaBackbone, "idefics2": Backbone, "idefics3": Backbone, "smolvlm": Backbone,
                   "qwen2_vl": QwenVLBackbone, "qwen2_5_vl": QwenVLBackbone, "qwen3_vl": QwenVLBackbone}
 END_OF_TURN = {"llava_qwen2": "<|im_end|>", "qwen2_vl": "<|im_end|>", "qwen2_5_vl": "<|im_end|>",
@@ -30,19 +30,16 @@ END_OF_TURN = {"llava_qwen2": "<|im_end|>", "qwen2_vl": "<|im_end|>", "qwen2_5_v
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
+def workspace(tmp_path_factory, saved_model):
     root = tmp_path_factory.mktemp("families")
     vqa = get_task("vqav2", root=str(write_vqa(root / "vqa")), validation_images=2)
     text = write_colour_task(root / "text", images=False)
-    return {"root": root, "vqa": vqa, "vqa_root": str(root / "vqa"), "models": {},
+    return {"root": root, "vqa": vqa, "vqa_root": str(root / "vqa"), "saved_model": saved_model,
             "text": get_task("jsonl", train=text["train"], test=text["test"], instruction="Answer in one word.\n")}
 
 
 def _model(workspace, family: str, chat: bool) -> str:
-    key = (family, chat)
-    if key not in workspace["models"]:
-        workspace["models"][key] = save_family(workspace["root"] / f"{family}-{int(chat)}", family, chat)
-    return workspace["models"][key]
+    return workspace["saved_model"](family, chat)
 
 
 def _task(workspace, family: str):
@@ -60,20 +57,22 @@ def _expected_completion(family: str, chat: bool, target) -> str:
 
 @pytest.mark.parametrize("family", MULTIMODAL + ["llama"])
 def test_the_family_is_chosen_by_the_config_class(family):
-    config = tiny_models.build(family).model.config
+    config = build(family).model.config
     assert family_for(config) is EXPECTED_CLASS.get(family, Backbone)
 
 
 def test_unknown_families_are_refused_and_new_ones_can_be_registered(monkeypatch):
     with pytest.raises(ValueError, match="No backbone family for Blip2Config"):
         family_for(Blip2Config())
-    monkeypatch.setattr(backbones, "_REGISTERED", [])
+    monkeypatch.setattr(backbones, "FAMILIES", Registry("backbone family"))
 
     class Custom(Backbone):
         pass
 
     register_family(LlamaConfig, Custom)
     assert family_for(LlamaConfig()) is Custom
+    with pytest.raises(ValueError, match="already registered"):
+        register_family(LlamaConfig, Backbone)
 
 
 @pytest.mark.parametrize("chat", [False, True], ids=["plain", "chat"])
@@ -82,8 +81,7 @@ def test_prompts_and_loss_mask(workspace, family, chat):
     backbone = load_backbone(_model(workspace, family, chat))
     assert type(backbone) is EXPECTED_CLASS.get(family, Backbone) and (backbone.chat_template is not None) == chat
     task = _task(workspace, family)
-    icl = get_method("icl", shots=2)
-    icl.setup(backbone, task, 0)
+    icl = get_method("icl", shots=2).prompter(backbone, task, Seeds(0, 0))
     queries = task.splits["test"][:3]
     prompts = [icl.prompt(e) for e in queries]
     targets = [task.target_text(e) for e in queries]
@@ -118,14 +116,15 @@ def test_prompts_and_loss_mask(workspace, family, chat):
 def test_batched_left_padded_generation_equals_one_at_a_time(workspace, family):
     backbone = load_backbone(_model(workspace, family, chat=family.startswith("qwen") or family == "llama"))
     task = _task(workspace, family)
-    method = get_method("hificl", value_b_std=0.5, init_seed=3)
-    method.setup(backbone, task, 0)
+    parts = get_method("hificl", value_b_std=0.5, init_seed=3).build(backbone, task, Seeds(0, 0))
     try:
         examples = task.splits["test"][:3]
-        batched = evaluate(method, examples, GenerationConfig(batch_size=3, max_new_tokens=4), progress=False)
-        single = evaluate(method, examples, GenerationConfig(batch_size=1, max_new_tokens=4), progress=False)
+        batched = evaluate(parts.model, parts.prompter, backbone, task, examples,
+                           GenerationConfig(batch_size=3, max_new_tokens=4), progress=False)
+        single = evaluate(parts.model, parts.prompter, backbone, task, examples,
+                          GenerationConfig(batch_size=1, max_new_tokens=4), progress=False)
     finally:
-        method.close()
+        parts.close()
     assert [p["raw"] for p in batched.predictions] == [p["raw"] for p in single.predictions]
 
 
@@ -142,9 +141,9 @@ def test_train_eval_report_per_family(workspace, tmp_path, family):
     results = pipeline.compare(config)  # the teachers align under instructions and chat templates
     assert [r["method"] for r in results["rows"]] == ["zero-shot", "HiFICL", "MimIC", "LIVE"]
     assert results["rows"][1]["train_steps"] == 2 and results["num_test"] == 3
-    assert all(0 <= r["accuracy"] <= 1 and r["metric"] == "vqa_accuracy" for r in results["rows"])
-    assert json.loads((tmp_path / "results.json").read_text())["backbone"].endswith(f"{family}-" + (
-        "1" if family in ("llava_qwen2", "qwen3_vl") else "0"))
+    assert all(0 <= r["vqa_accuracy"] <= 1 and r["metric"] == "vqa_accuracy" for r in results["rows"])
+    assert json.loads((tmp_path / "results.json").read_text())["backbone"] == _model(
+        workspace, family, chat=family in ("llava_qwen2", "qwen3_vl"))
     assert len(json.loads((tmp_path / "test_ids.json").read_text())) == 3
 
 
@@ -171,8 +170,7 @@ def test_idefics2_config_renders_the_papers_base_prompt(workspace):
     task = get_task("vqav2", root=workspace["vqa_root"], validation_images=1, **options)
     backbone = load_backbone(_model(workspace, "idefics2", chat=True), chat_template=config.chat_template)
     assert backbone.chat_template is None, "chat_template: false keeps the base prompt even with a template"
-    icl = get_method("icl", shots=1)
-    icl.setup(backbone, task, 0)
+    icl = get_method("icl", shots=1).prompter(backbone, task, Seeds(0, 0))
     query = task.splits["test"][0]
     demo = icl.demonstrations(query)[0]
     eou = "<end_of_utterance>"

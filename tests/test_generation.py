@@ -5,8 +5,7 @@ import pytest
 import torch
 
 from hificl import HiFICLConfig
-from helpers import attach
-from tiny_models import FAMILIES, build
+from fixtures import FAMILIES, attach, build
 
 
 def _generate(model, inputs, use_cache, **kwargs):

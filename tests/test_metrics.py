@@ -11,6 +11,7 @@ import pytest
 from hificl.metrics import (
     COCO_CATEGORIES,
     METRICS,
+    Metric,
     canonical_category,
     chair,
     cider_d,
@@ -19,6 +20,7 @@ from hificl.metrics import (
     get_metric,
     normalize_answer,
     postprocess_generation,
+    register_metric,
     vqa_accuracy,
 )
 
@@ -247,11 +249,18 @@ def test_postprocess_generation_custom_stops():
 
 
 def test_registry():
-    assert set(METRICS) == {"vqa_accuracy", "exact_match"}
-    assert get_metric("vqa_accuracy") is vqa_accuracy
-    assert get_metric("exact_match")("Two", ["2"]) == 1.0
-    with pytest.raises(ValueError, match="exact_match, vqa_accuracy"):
+    assert {"vqa_accuracy", "exact_match", "cider_d", "chair_s", "chair_i", "chair_recall"} <= set(METRICS)
+    vqa = get_metric("vqa_accuracy")
+    assert vqa.per_example is vqa_accuracy and vqa.higher_is_better and vqa.percent and not vqa.corpus_level
+    assert get_metric("exact_match").per_example("Two", ["2"]) == 1.0
+    assert get_metric("exact_match").score(["Two", "x"], [["2"], ["y"]], ["a", "b"]) == (0.5, [1.0, 0.0])
+    cider = get_metric("cider_d")
+    assert cider.corpus_level and cider.higher_is_better and not cider.percent and cider.format(1.23456) == "1.2346"
+    assert not get_metric("chair_i").higher_is_better and get_metric("chair_i").format(0.022) == "2.20%"
+    with pytest.raises(ValueError, match="Unknown metric .bleu.*cider_d.*exact_match.*vqa_accuracy"):
         get_metric("bleu")
+    with pytest.raises(ValueError, match="already registered"):
+        register_metric(Metric("exact_match", "another exact match", per_example=vqa_accuracy))
 
 
 # --------------------------------------------------------------------------

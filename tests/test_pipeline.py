@@ -11,18 +11,16 @@ from hificl.backbones import IGNORE_INDEX, load_backbone
 from hificl.cli import main as cli_main
 from hificl.evaluator import GenerationConfig, evaluate
 from hificl.methods import get_method
+from hificl.prompting import KShot, Prompter
 from hificl.run_config import RunConfig, load_run_config
+from hificl.seeding import Seeds
 from hificl.tasks import get_task, read_jsonl
 from hificl.trainer import TrainConfig, Trainer
-from pipeline_fixtures import save_tiny_lm, save_tiny_vlm, write_colour_task
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipeline")
-    return {"vlm": str(save_tiny_vlm(root / "vlm")), "lm": str(save_tiny_lm(root / "lm")),
-            "task": write_colour_task(root / "task"), "text_task": write_colour_task(root / "text", images=False),
-            "root": root}
+def workspace(tiny_vlm, tiny_lm, colour_task, text_colour_task):
+    return {"vlm": tiny_vlm, "lm": tiny_lm, "task": colour_task, "text_task": text_colour_task}
 
 
 def _config(workspace, out, **extra):
@@ -42,7 +40,8 @@ def test_compare_runs_train_eval_report_end_to_end(workspace, tmp_path):
     methods = [row["method"] for row in results["rows"]]
     assert methods[:2] == ["zero-shot", "2-shot ICL"] and "HiFICL" in methods
     for row in results["rows"]:
-        assert 0.0 <= row["accuracy"] <= 1.0 and row["seconds_per_query"] > 0 and row["prompt_tokens_per_query"] > 0
+        assert row["metric"] == "vqa_accuracy" and 0.0 <= row["vqa_accuracy"] <= 1.0
+        assert row["seconds_per_query"] > 0 and row["prompt_tokens_per_query"] > 0
     shots = {row["method"]: row["prompt_tokens_per_query"] for row in results["rows"]}
     assert shots["2-shot ICL"] > 2 * shots["zero-shot"]
     hificl_row = next(row for row in results["rows"] if row["method"] == "HiFICL")
@@ -71,24 +70,18 @@ def test_cli_train_then_eval_with_the_saved_adapter(workspace, tmp_path, capsys)
 def _trainer(workspace, out, epochs=2, seed=5, mixed_precision="no"):
     backbone = load_backbone(workspace["vlm"])
     task = get_task("jsonl", train=workspace["task"]["train"], test=workspace["task"]["test"])
-    method = get_method("hificl", init_seed=1)
-    method.setup(backbone, task, seed)
-    examples = task.splits["train"]
-
-    def collate(items):
-        return backbone.encode([method.prompt(e) for e in items], [task.target_text(e) for e in items], "right")
-
-    config = TrainConfig(epochs=epochs, batch_size=5, grad_accum=2, lr=0.05, seed=seed, mixed_precision=mixed_precision)
-    return Trainer(method.model, method.loss, examples, collate, config, out, save_artifact=method.save,
-                   progress=False), method
+    parts = get_method("hificl", init_seed=1).build(backbone, task, Seeds(seed, seed))
+    config = TrainConfig(epochs=epochs, batch_size=5, grad_accum=2, lr=0.05, mixed_precision=mixed_precision)
+    return Trainer(parts.model, parts.objective, task.splits["train"], config, out, seed=seed,
+                   save_artifact=parts.adapter.save_pretrained, progress=False), parts
 
 
 def test_resume_after_an_interruption_gives_the_same_adapter(workspace, tmp_path):
-    reference, method = _trainer(workspace, tmp_path / "straight", epochs=3)
+    reference, parts = _trainer(workspace, tmp_path / "straight", epochs=3)
     reference.train()
-    expected = {k: v.clone() for k, v in method.model.adapters.state_dict().items()}
+    expected = {k: v.clone() for k, v in parts.adapter.adapters.state_dict().items()}
 
-    interrupted, method = _trainer(workspace, tmp_path / "broken", epochs=3)
+    interrupted, parts = _trainer(workspace, tmp_path / "broken", epochs=3)
     original = interrupted._save_checkpoint
 
     def crash_after_epoch_2(epoch, result):
@@ -100,10 +93,10 @@ def test_resume_after_an_interruption_gives_the_same_adapter(workspace, tmp_path
     with pytest.raises(KeyboardInterrupt):
         interrupted.train()
     assert interrupted.latest_checkpoint().name == "epoch-2"
-    resumed, method = _trainer(workspace, tmp_path / "broken", epochs=3)  # a fresh process would do exactly this
+    resumed, parts = _trainer(workspace, tmp_path / "broken", epochs=3)  # a fresh process would do exactly this
     result = resumed.train()
     assert result.last_epoch == 3 and result.steps == reference.total_steps
-    for key, value in method.model.adapters.state_dict().items():
+    for key, value in parts.adapter.adapters.state_dict().items():
         assert torch.equal(value, expected[key]), key
     changed, _ = _trainer(workspace, tmp_path / "broken", epochs=3, seed=6)
     with pytest.raises(ValueError, match="settings changed"):
@@ -113,10 +106,10 @@ def test_resume_after_an_interruption_gives_the_same_adapter(workspace, tmp_path
 def test_trainers_with_different_precisions_run_in_one_process(workspace, tmp_path):
     first, _ = _trainer(workspace, tmp_path / "fp32", epochs=1)
     first.train()
-    second, method = _trainer(workspace, tmp_path / "bf16", epochs=1, mixed_precision="bf16")
+    second, parts = _trainer(workspace, tmp_path / "bf16", epochs=1, mixed_precision="bf16")
     result = second.train()
     assert second.accelerator.mixed_precision == "bf16" and result.steps == second.total_steps
-    assert all(p.dtype == torch.float32 for p in method.model.adapters.parameters())
+    assert all(p.dtype == torch.float32 for p in parts.adapter.adapters.parameters())
 
 
 def test_loss_mask_covers_exactly_the_answer_tokens(workspace):
@@ -144,20 +137,20 @@ def test_batched_evaluation_equals_unbatched(workspace, backbone_key, task_key):
     backbone = load_backbone(workspace[backbone_key])
     task = get_task("jsonl", train=workspace[task_key]["train"], test=workspace[task_key]["test"])
     for method in (get_method("icl", shots=2), get_method("hificl", value_b_std=0.5, init_seed=3)):
-        method.setup(backbone, task, 0)
+        parts = method.build(backbone, task, Seeds(0, 0))
         try:
-            batched = evaluate(method, task.splits["test"], GenerationConfig(batch_size=8, max_new_tokens=6), progress=False)
-            single = evaluate(method, task.splits["test"], GenerationConfig(batch_size=1, max_new_tokens=6), progress=False)
+            batched = evaluate(parts.model, parts.prompter, backbone, task, task.splits["test"],
+                               GenerationConfig(batch_size=8, max_new_tokens=6), progress=False)
+            single = evaluate(parts.model, parts.prompter, backbone, task, task.splits["test"],
+                              GenerationConfig(batch_size=1, max_new_tokens=6), progress=False)
         finally:
-            method.close()
+            parts.close()
         assert [p["raw"] for p in batched.predictions] == [p["raw"] for p in single.predictions]
 
 
 def test_icl_with_zero_shots_is_the_zero_shot_prompt(workspace):
     task = get_task("jsonl", train=workspace["task"]["train"], test=workspace["task"]["test"])
-    zero, icl0, icl2 = get_method("zero-shot"), get_method("icl", shots=0), get_method("icl", shots=2)
-    for method in (zero, icl0, icl2):
-        method.setup(None, task, 0)
+    zero, icl0, icl2 = Prompter(task), KShot(task, None, shots=0), KShot(task, None, shots=2)
     example = task.splits["test"][0]
     assert icl0.prompt(example) == zero.prompt(example)
     demos = icl2.demonstrations(example)

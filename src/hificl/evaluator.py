@@ -1,5 +1,6 @@
 """The evaluator: batched generation with left padding, answer post-processing, the task's metric, time and prompt
-tokens per query. It knows nothing of any method or task beyond their interfaces."""
+tokens per query. It is given what it needs explicitly -- the model that generates, the prompter that shows each
+query, the backbone that encodes and decodes, the task that scores -- and knows nothing of any method."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .backbones import Backbone
+from .core.validate import integer
 from .io import atomic_write_json, atomic_write_text
-from .methods import Method
-from .tasks import Example
+from .prompting import Prompter
+from .tasks import Example, Task
 
 
 @dataclass
@@ -27,11 +30,8 @@ class GenerationConfig:
 
     def __post_init__(self):
         for name in ("batch_size", "num_beams"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"eval.{name} must be a positive int, got {value!r}.")
-        if self.max_new_tokens is not None and (not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1):
-            raise ValueError(f"eval.max_new_tokens must be a positive int or null, got {self.max_new_tokens!r}.")
+            integer(getattr(self, name), f"eval.{name}")
+        integer(self.max_new_tokens, "eval.max_new_tokens", allow_none=True)
 
 
 @dataclass
@@ -47,28 +47,28 @@ class EvalResult:
                           "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in self.predictions))
 
 
-def evaluate(method: Method, examples: Sequence[Example], config: GenerationConfig | None = None,
-             progress: bool = True, desc: str = "eval") -> EvalResult:
-    """Generate an answer for every example with `method` (already set up) and score it with its task."""
+def evaluate(model: torch.nn.Module, prompter: Prompter, backbone: Backbone, task: Task, examples: Sequence[Example],
+             config: GenerationConfig | None = None, progress: bool = True, desc: str = "eval") -> EvalResult:
+    """Generate an answer for every example with `model` from the prompts of `prompter` (encoded and decoded by
+    `backbone`) and score it with `task`. The metrics are keyed by the task metric's name ("metric" names it)."""
     config = config or GenerationConfig()
-    task, backbone = method.task, method.backbone
     if not examples:
         raise ValueError("No examples to evaluate.")
     max_new_tokens = config.max_new_tokens or task.max_new_tokens
     predictions, scores, prompt_tokens, seconds = [], [], 0, 0.0
-    model = method.model
     was_training = model.training
     model.eval()
     bar = tqdm(total=len(examples), desc=desc, unit="q", disable=not progress, dynamic_ncols=True)
     for start in range(0, len(examples), config.batch_size):
         chunk = list(examples[start:start + config.batch_size])
-        batch = backbone.encode([method.prompt(e) for e in chunk], padding_side="left")
+        batch = backbone.encode([prompter.prompt(e) for e in chunk], padding_side="left")
         batch = {k: v.to(backbone.device) for k, v in batch.items()}
         prompt_tokens += int(batch["attention_mask"].sum())
         _synchronize(backbone.device)
         began = time.perf_counter()
-        output = method.generate(batch, max_new_tokens=max_new_tokens, num_beams=config.num_beams,
-                                 do_sample=False, pad_token_id=backbone.pad_token_id)
+        with torch.no_grad():
+            output = model.generate(**batch, max_new_tokens=max_new_tokens, num_beams=config.num_beams,
+                                    do_sample=False, pad_token_id=backbone.pad_token_id)
         _synchronize(backbone.device)
         seconds += time.perf_counter() - began
         for example, tokens in zip(chunk, output[:, batch["input_ids"].shape[1]:]):
@@ -81,14 +81,14 @@ def evaluate(method: Method, examples: Sequence[Example], config: GenerationConf
                                 "raw": raw, "answers": list(example.answers), "score": score})
         bar.update(len(chunk))
         if scores:
-            bar.set_postfix(acc=f"{sum(scores) / len(scores):.3f}")
+            bar.set_postfix({task.metric: f"{sum(scores) / len(scores):.3f}"})
     bar.close()
     model.train(was_training)
     summary = task.score_corpus([p["prediction"] for p in predictions], examples)
     for prediction, score in zip(predictions, summary.per_example):
         prediction["score"] = score
     metrics = {
-        "accuracy": summary.score,
+        task.metric: summary.score,
         "metric": task.metric,
         "num_queries": len(predictions),
         "seconds_per_query": seconds / len(predictions),

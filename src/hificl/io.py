@@ -1,27 +1,40 @@
-"""Atomic writes: a reader sees the old file (or folder) or the new one, never a half-written one."""
+"""Atomic writes: a reader sees the old file (or folder) or the new one, never a half-written one.
+
+Temporary files and folders are written beside their target and named ``.<target>.tmp-<host>-<pid>-<random>``,
+so that `remove_stale_temporaries` can delete those of processes that died before renaming them (a killed run),
+and never those of a process still writing.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import socket
 import tempfile
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+_HOST = socket.gethostname().replace("-", "_")
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}.tmp-{_HOST}-{os.getpid()}-"
+
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)`` on a temporary file beside `path`, fsync it, then rename it over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it private
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -42,19 +55,26 @@ def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
 
 
 @contextmanager
-def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_folder(path: str | os.PathLike, keep_existing: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary folder beside `path` to fill; when the block ends without error it replaces `path`
     (a folder already there is renamed aside first, put back if the swap fails, and removed after). On error the
-    temporary folder is deleted and `path` is left as it was."""
+    temporary folder is deleted and `path` is left as it was.
+
+    With `keep_existing`, a `path` that exists when the block ends is kept and the new folder discarded: the first
+    of several writers racing to create the same folder (e.g. a shared cache) wins, and no reader ever sees a
+    folder replaced under it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), dir=path.parent))
     old = None
     try:
         yield tmp
         os.chmod(tmp, 0o755)  # mkdtemp makes it private
+        if keep_existing and path.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
         if path.exists():
-            old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex}")
+            old = path.with_name(f"{_temp_prefix(path)}old-{uuid.uuid4().hex}")
             os.replace(path, old)
         try:
             os.replace(tmp, path)
@@ -68,3 +88,36 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, recursive: bool = True) -> list[Path]:
+    """Delete the temporary files and folders that processes of this host left in `folder` (and below) when they
+    were killed between writing and renaming; returns what was removed."""
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for entry in list(folder.iterdir()):
+        marker = ".tmp-"
+        if entry.name.startswith(".") and marker in entry.name:
+            host_pid = entry.name.split(marker, 1)[1].split("-")
+            if len(host_pid) >= 2 and host_pid[0] == _HOST and host_pid[1].isdigit() and not _alive(int(host_pid[1])):
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+                removed.append(entry)
+                continue
+        if recursive and entry.is_dir() and not entry.is_symlink():
+            removed += remove_stale_temporaries(entry, recursive)
+    return removed

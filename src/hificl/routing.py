@@ -1,9 +1,9 @@
 """Routing a model's language-model attention to a registered attention function, without copying forwards or
 dispatching on model names.
 
-`route_attention(model, name)` sets the language model's attention implementation to `name` (only the text
-sub-config on composite models), runs a 2-token probe forward of the language model, and records which modules
-really called the registry, in layer order, with their head layout. Every method that changes attention (HiFICL,
+`route_attention(model, name)` routes the language model's attention (only the text sub-config on composite
+models) to the probe attention for one 2-token forward, which records which modules really called the registry,
+in layer order, with their head layout; then to `name`. Every method that changes attention (HiFICL,
 MimIC) or needs the decoder layers (LIVE, the teacher losses) or the attention projections (LoRA) uses it.
 """
 
@@ -15,7 +15,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from .core import ATTENTION_NAME, AttentionCall, UnsupportedModelError, record_attention_calls, register_attention
+from .core import (ATTENTION_NAME, PROBE_ATTENTION_NAME, AttentionCall, UnsupportedModelError, record_attention_calls,
+                   register_attention)
 
 
 def _text_config_route(base_model: PreTrainedModel, text_config) -> str | dict[str, str]:
@@ -42,7 +43,7 @@ def _find_decoder(base_model: PreTrainedModel, text_config) -> nn.Module:
 
 
 def _probe(base_model: PreTrainedModel, text_config) -> list[AttentionCall]:
-    """Run a 2-token forward of the language model and return the attention calls that reached hificl."""
+    """Run a 2-token forward of the language model and return the attention calls that reached the probe."""
     decoder = _find_decoder(base_model, text_config)
     embeddings = decoder.get_input_embeddings()
     weight = embeddings.weight if embeddings is not None else next(decoder.parameters())
@@ -112,13 +113,13 @@ def route_attention(model: PreTrainedModel, name: str, purpose: str = "adapt it"
     routed = RoutedAttention(model, text_config, _text_config_route(model, text_config),
                              text_config._attn_implementation)
     try:
-        routed.set(ATTENTION_NAME)
+        routed.set(PROBE_ATTENTION_NAME)
     except ValueError as error:
         raise UnsupportedModelError(
             f"{type(model).__name__} rejected a custom attention implementation ({error}). hificl needs a model "
             "whose attention goes through transformers' AttentionInterface."
         ) from error
-    calls = _probe(model, text_config) if text_config._attn_implementation == ATTENTION_NAME else []
+    calls = _probe(model, text_config) if text_config._attn_implementation == PROBE_ATTENTION_NAME else []
     num_layers = getattr(text_config, "num_hidden_layers", None)
     if not calls or (num_layers is not None and len(calls) != num_layers):
         attention_classes = sorted({type(m).__name__ for m in model.modules() if type(m).__name__.endswith("Attention")})
@@ -130,8 +131,7 @@ def route_attention(model: PreTrainedModel, name: str, purpose: str = "adapt it"
             "decoders do), or a newer transformers version."
         )
     routed.calls = calls
-    if name != ATTENTION_NAME:
-        routed.set(name)
+    routed.set(name)
     return routed
 
 

@@ -1,20 +1,47 @@
 """The run configuration of `hificl train | eval | compare`: YAML files plus ``--set key=value`` overrides,
-validated field by field (no eval of strings: values are parsed as YAML scalars)."""
+validated field by field (no eval of strings: values are parsed as YAML scalars).
+
+A config may start from others with ``include: NAME`` (or a list of names): a packaged config, or a YAML file
+(relative to the including file). Mappings are merged key by key, the including file winning; lists and scalars
+are replaced. So a config states only what differs from its base (see ``configs/paper-base.yaml``).
+"""
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+import re
+from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from .core import DTYPES
+from .core.validate import boolean, choice, integer, known_fields
 from .evaluator import GenerationConfig
+from .seeding import DEFAULT_SEED
 from .trainer import TrainConfig
 
 DEFAULT_CONFIG = "embedded-easyvqa"
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML's safe loader reading ``1e-3`` (no dot, which YAML 1.1 requires of a float) as a float too."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                |\.[0-9_]+(?:[eE][-+][0-9]+)?
+                |[-+]?\.(?:inf|Inf|INF)
+                |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
 
 
 @dataclass
@@ -33,7 +60,8 @@ class RunConfig:
         validation_samples: validation questions scored after each epoch to pick the best epoch (0: none).
         test_samples: test questions for the reported numbers (null: the whole test split).
         data_efficiency: extra runs of the trainable method as [{samples: N, epochs: E}, ...] for the plot.
-        seed: seeds data selection, demonstrations, initialisation and training.
+        seed: the run's seed: it picks the data (train / validation / test subsets, held-out splits) and seeds
+            initialisation, training order and random demonstrations (see `hificl.seeding`).
         output_dir: where checkpoints, adapters, predictions and reports go.
         progress: show progress bars.
     """
@@ -49,7 +77,7 @@ class RunConfig:
     validation_samples: int = 100
     test_samples: int | None = None
     data_efficiency: list[dict[str, int]] = field(default_factory=list)
-    seed: int = 3407
+    seed: int = DEFAULT_SEED
     output_dir: str = "runs/hificl"
     progress: bool = True
 
@@ -57,22 +85,14 @@ class RunConfig:
     def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
         if not isinstance(data, dict):
             raise ValueError(f"A run config must be a mapping, got {type(data).__name__}.")
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"Unknown config field(s) {unknown}; known fields: {sorted(known)}.")
+        known_fields(data, cls.__dataclass_fields__, "config")
         data = dict(data)
-        for key, kind in (("train", TrainConfig), ("eval", GenerationConfig)):
-            section = data.get(key, {})
-            if not isinstance(section, dict):
-                raise ValueError(f"Config field {key!r} must be a mapping, got {section!r}.")
-            if kind is GenerationConfig:
-                bad = sorted(set(section) - set(GenerationConfig.__dataclass_fields__))
-                if bad:
-                    raise ValueError(f"Unknown eval setting(s) {bad}; known: {sorted(GenerationConfig.__dataclass_fields__)}.")
-                data[key] = GenerationConfig(**section)
-            else:
-                data[key] = TrainConfig.from_dict(section)
+        for key in ("train", "eval"):
+            if not isinstance(data.get(key, {}), dict):
+                raise ValueError(f"Config field {key!r} must be a mapping, got {data[key]!r}.")
+        data["train"] = TrainConfig.from_dict(data.get("train", {}))
+        data["eval"] = GenerationConfig(**known_fields(data.get("eval", {}), GenerationConfig.__dataclass_fields__,
+                                                       "eval setting"))
         config = cls(**data)
         config.validate()
         return config
@@ -86,23 +106,21 @@ class RunConfig:
             if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
                 raise ValueError(f"methods[{index}] must be a mapping with a 'name', got {spec!r}.")
         for name in ("train_samples", "test_samples"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"Config field {name!r} must be a positive int or null, got {value!r}.")
-        if isinstance(self.validation_samples, bool) or not isinstance(self.validation_samples, int) or self.validation_samples < 0:
-            raise ValueError(f"Config field 'validation_samples' must be an int >= 0, got {self.validation_samples!r}.")
+            integer(getattr(self, name), f"Config field {name!r}", allow_none=True)
+        integer(self.validation_samples, "Config field 'validation_samples'", minimum=0)
+        integer(self.seed, "Config field 'seed'", minimum=None)
         for index, point in enumerate(self.data_efficiency):
             if not isinstance(point, dict) or set(point) != {"samples", "epochs"} or not all(
                     isinstance(v, int) and v > 0 for v in point.values()):
                 raise ValueError(f"data_efficiency[{index}] must be {{samples: N, epochs: E}} with positive ints, got {point!r}.")
-        if self.chat_template is not None and not isinstance(self.chat_template, bool):
-            raise ValueError(f"Config field 'chat_template' must be true, false or null, got {self.chat_template!r}.")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"Config field 'dtype' must be float32, bfloat16 or float16, got {self.dtype!r}.")
+        if self.chat_template is not None:
+            boolean(self.chat_template, "Config field 'chat_template' (or null)")
+        choice(self.dtype, "Config field 'dtype'", [name for name in DTYPES if name != "float64"])
+        boolean(self.progress, "Config field 'progress'")
 
     def to_dict(self) -> dict[str, Any]:
         out = {name: copy.deepcopy(getattr(self, name)) for name in self.__dataclass_fields__}
-        out["train"], out["eval"] = vars(self.train).copy(), vars(self.eval).copy()
+        out["train"], out["eval"] = asdict(self.train), asdict(self.eval)
         return out
 
 
@@ -111,22 +129,52 @@ def packaged_configs() -> list[str]:
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
-def read_yaml(path: str | None) -> dict[str, Any]:
-    """A YAML file by path, or a packaged config by name (default: the embedded easy-VQA comparison)."""
-    name = path or DEFAULT_CONFIG
-    if path and Path(path).is_file():
-        text = Path(path).read_text(encoding="utf-8")
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` on top of `base`: mappings merged key by key, everything else replaced."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _read_one(name: str, relative_to: Path | None) -> tuple[dict[str, Any], Path | None]:
+    candidates = [Path(name)] + ([relative_to / name] if relative_to is not None and not Path(name).is_absolute() else [])
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is not None:
+        where, folder = str(found), found.parent
+        try:
+            text = found.read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            raise ValueError(f"Config {where} is not UTF-8 text (byte {error.start}): save it as UTF-8.") from None
     elif name in packaged_configs():
+        where, folder = f"{name} (packaged)", None
         text = (resources.files("hificl") / "configs" / f"{name}.yaml").read_text(encoding="utf-8")
     else:
-        raise FileNotFoundError(f"Config {path!r} is neither a file nor a packaged config ({packaged_configs()}).")
+        raise FileNotFoundError(f"Config {name!r} is neither a file nor a packaged config ({packaged_configs()}).")
     try:
-        data = yaml.safe_load(text) or {}
+        data = parse_yaml(text) or {}
     except yaml.YAMLError as error:
-        raise ValueError(f"Config {name}: invalid YAML ({error}).") from None
+        raise ValueError(f"Config {where}: invalid YAML ({error}).") from None
     if not isinstance(data, dict):
-        raise ValueError(f"Config {name}: the top level must be a mapping.")
-    return data
+        raise ValueError(f"Config {where}: the top level must be a mapping.")
+    return data, folder
+
+
+def read_yaml(path: str | None, relative_to: Path | None = None, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A YAML file by path, or a packaged config by name (default: the embedded easy-VQA comparison), with its
+    ``include``s merged in (see the module docstring)."""
+    name = path or DEFAULT_CONFIG
+    if name in _seen:
+        raise ValueError(f"Config {name!r} includes itself ({' -> '.join(_seen + (name,))}).")
+    data, folder = _read_one(name, relative_to)
+    includes = data.pop("include", [])
+    includes = [includes] if isinstance(includes, str) else includes
+    if not isinstance(includes, list) or not all(isinstance(i, str) for i in includes):
+        raise ValueError(f"Config {name}: 'include' must be a config name or a list of them, got {includes!r}.")
+    merged: dict[str, Any] = {}
+    for included in includes:
+        merged = _merge(merged, read_yaml(included, folder, _seen + (name,)))
+    return _merge(merged, data)
 
 
 def apply_override(data: dict[str, Any], assignment: str) -> None:
@@ -135,7 +183,7 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
         raise ValueError(f"Override {assignment!r} must look like key=value (e.g. train.epochs=2).")
     path, raw = assignment.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = parse_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as error:
         raise ValueError(f"Override {assignment!r}: cannot parse the value ({error}).") from None
     keys = path.strip().split(".")

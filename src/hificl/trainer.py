@@ -1,35 +1,47 @@
 """A trainer that knows nothing of methods or tasks: it trains whatever parameters of a module require gradients,
-on batches made by a `collate` function, with a loss given by a function.
+on the batches and with the loss of an objective (``objective.batch(items)``, ``objective.loss(model, batch)``).
 
 AdamW, cosine schedule with linear warmup, gradient clipping, gradient accumulation, a seeded data order, a
-validation callback and an atomic checkpoint after every epoch. Training resumes exactly from the last complete
-checkpoint: the trainable weights, optimiser, schedule, RNG states and data order are all restored, so an
-interrupted run ends with the same weights as an uninterrupted one. Devices and mixed precision go through
-accelerate.
+validation callback that picks the best epoch by a named metric, and an atomic checkpoint after every epoch.
+Training resumes exactly from the last complete checkpoint: the trainable weights, optimiser, schedule, RNG
+state and data order are all restored, so an interrupted run ends with the same weights as an uninterrupted one.
+The process-global random generators are forked for the run (dropout draws from them), so training leaves the
+caller's random state untouched. Devices, mixed precision and trackers (TensorBoard, Weights & Biases, ...) go
+through accelerate.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
-import random
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
+from accelerate.utils import LoggerType, send_to_device
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from .core.validate import choice, integer, known_fields, number
 from .io import atomic_folder, atomic_write_json
 
+logger = logging.getLogger(__name__)
 CHECKPOINT_PREFIX = "epoch-"
+TRACKERS = tuple(t.value for t in LoggerType)
+
+
+class Objective(Protocol):
+    def batch(self, items: list) -> Any: ...
+
+    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor: ...
 
 
 @dataclass
@@ -41,9 +53,11 @@ class TrainConfig:
         batch_size: examples per micro-batch; grad_accum: micro-batches per optimiser step.
         lr, weight_decay: AdamW's; warmup_ratio: share of the steps with a linear warm-up, then cosine decay to 0.
         max_grad_norm: gradient clipping (0 disables it).
-        seed: seeds the data order and torch's RNG.
         mixed_precision: "no", "bf16" or "fp16" (accelerate's autocast; trainable weights stay float32).
-        select_metric: the validation metric that picks the best epoch (higher is better).
+        select_metric: the validation metric that picks the best epoch (null: the task's own metric); its
+            direction (higher or lower is better) comes from the metric registry.
+        log_with: accelerate trackers that also receive the training metrics ("tensorboard", "wandb", ...; their
+            files go under the run's output folder).
     """
 
     epochs: int = 3
@@ -53,35 +67,51 @@ class TrainConfig:
     weight_decay: float = 1e-3
     warmup_ratio: float = 0.1
     max_grad_norm: float = 1.0
-    seed: int = 3407
     mixed_precision: str = "no"
-    select_metric: str = "accuracy"
+    select_metric: str | None = None
+    log_with: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "grad_accum"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"train.{name} must be a positive int, got {value!r}.")
-        for name in ("lr", "weight_decay", "warmup_ratio", "max_grad_norm"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"train.{name} must be a finite number >= 0, got {value!r}.")
-        if self.lr <= 0:
-            raise ValueError(f"train.lr must be > 0, got {self.lr!r}.")
-        if self.warmup_ratio >= 1:
-            raise ValueError(f"train.warmup_ratio must be below 1, got {self.warmup_ratio!r}.")
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise ValueError(f"train.mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}.")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"train.seed must be an int, got {self.seed!r}.")
+            integer(getattr(self, name), f"train.{name}")
+        for name in ("weight_decay", "max_grad_norm"):
+            number(getattr(self, name), f"train.{name}")
+        number(self.lr, "train.lr", positive=True)
+        number(self.warmup_ratio, "train.warmup_ratio", below=1)
+        choice(self.mixed_precision, "train.mixed_precision", ("no", "bf16", "fp16"))
+        if self.select_metric is not None and not isinstance(self.select_metric, str):
+            raise ValueError(f"train.select_metric must be a metric name or null, got {self.select_metric!r}.")
+        if isinstance(self.log_with, str):
+            self.log_with = [self.log_with]
+        if not isinstance(self.log_with, list):
+            raise ValueError(f"train.log_with must be a list of tracker names, got {self.log_with!r}.")
+        for tracker in self.log_with:
+            choice(tracker, "train.log_with entries", TRACKERS)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"Unknown train setting(s) {unknown}; known: {sorted(known)}.")
+        known_fields(data, cls.__dataclass_fields__, "train setting")
         return cls(**data)
+
+    def optimisation(self) -> dict[str, Any]:
+        """The settings that change what training computes (not how it is logged or which epoch is chosen)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("select_metric", "log_with")}
+
+
+@dataclass(frozen=True)
+class Selection:
+    """How the best epoch is chosen: by `metric` of the validation results, higher or lower being better."""
+
+    metric: str
+    higher_is_better: bool = True
+
+    def best(self, history: list[dict[str, Any]]) -> int | None:
+        key = f"val_{self.metric}"
+        scored = [h for h in history if key in h]
+        if not scored:
+            return None
+        pick = max if self.higher_is_better else min
+        return pick(scored, key=lambda h: h[key])["epoch"]
 
 
 @dataclass
@@ -100,16 +130,19 @@ class TrainResult:
         return asdict(self)
 
 
-def _accelerator(mixed_precision: str) -> Accelerator:
+def _accelerator(mixed_precision: str, log_with: list[str], project_dir: Path) -> Accelerator:
     """An Accelerator with this precision. accelerate keeps one process-wide state; a single-process run that
     asks for another precision than an earlier trainer (e.g. a comparison in one Python session) resets it."""
     state = AcceleratorState._shared_state
     if state and state.get("_mixed_precision") not in (None, mixed_precision) and AcceleratorState().num_processes == 1:
         AcceleratorState._reset_state(reset_partial_state=True)
-    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
+    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available(),
+                       log_with=list(log_with) or None, project_dir=str(project_dir))
 
 
-def _lr_factor(step: int, total: int, warmup: int) -> float:
+def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
+    """The learning-rate factor of optimiser step `step` (from 0) of `total`: linear warm-up over `warmup` steps,
+    then cosine decay to 0."""
     if step < warmup:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
@@ -161,28 +194,32 @@ class Trainer:
 
     Args:
         model: the module (its frozen parameters are left alone).
-        loss_fn: ``loss_fn(model, batch) -> scalar tensor``.
-        examples: the training items; `collate(list_of_items) -> batch dict` makes model inputs.
+        objective: builds batches from training items (``objective.batch``) and the loss (``objective.loss``).
+        examples: the training items.
         config: a `TrainConfig`.
         output_dir: where the per-epoch checkpoints go (``epoch-<n>/``).
+        seed: the order of the examples in each epoch, and the random state during training (dropout).
         validate: optional ``validate() -> dict of metrics``, called after every epoch.
+        selection: which validation metric picks the best epoch (needed with `validate`).
         save_artifact: optional ``save_artifact(folder)`` writing the method's own files into each checkpoint
             (e.g. the adapter), so any epoch can be evaluated later.
-        param_groups: optional ``[{"params": [parameter names], "lr": ...}]`` for parameters with their own
-            learning rate; the other trainable parameters use ``config.lr``.
+        param_groups: optional ``[{"params": [parameter names], "lr": ..., "weight_decay": ...}]`` for parameters
+            with their own settings; the other trainable parameters use the config's.
     """
 
-    def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, dict], torch.Tensor],
-                 examples: Sequence[Any], collate: Callable[[list], dict], config: TrainConfig,
-                 output_dir: str | os.PathLike, validate: Callable[[], dict] | None = None,
-                 save_artifact: Callable[[Path], None] | None = None,
+    def __init__(self, model: nn.Module, objective: Objective, examples: Sequence[Any], config: TrainConfig,
+                 output_dir: str | os.PathLike, seed: int, validate: Callable[[], dict] | None = None,
+                 selection: Selection | None = None, save_artifact: Callable[[Path], None] | None = None,
                  param_groups: list[dict[str, Any]] | None = None, progress: bool = True):
         if not examples:
             raise ValueError("No training examples.")
-        self.model, self.loss_fn, self.examples, self.collate = model, loss_fn, list(examples), collate
-        self.config, self.output_dir = config, Path(output_dir)
-        self.validate, self.save_artifact, self.progress = validate, save_artifact, progress
-        self.accelerator = _accelerator(config.mixed_precision)
+        if validate is not None and selection is None:
+            raise ValueError("A validation callback needs a `selection` saying which metric picks the epoch.")
+        self.model, self.objective, self.examples = model, objective, list(examples)
+        self.config, self.output_dir, self.seed = config, Path(output_dir), seed
+        self.validate, self.selection = validate, selection
+        self.save_artifact, self.progress = save_artifact, progress
+        self.accelerator = _accelerator(config.mixed_precision, config.log_with, self.output_dir)
         self.params = _trainable(model)
         self.optimizer = torch.optim.AdamW(self._groups(param_groups), lr=config.lr, weight_decay=config.weight_decay)
         self.batches_per_epoch = math.ceil(len(self.examples) / config.batch_size)
@@ -190,7 +227,7 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * config.epochs
         self.warmup_steps = int(config.warmup_ratio * self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: _lr_factor(step, self.total_steps, self.warmup_steps))
+            self.optimizer, lambda step: cosine_with_warmup(step, self.total_steps, self.warmup_steps))
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
 
     def _groups(self, param_groups: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
@@ -211,8 +248,12 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------- checkpoints
     def _epoch_order(self, epoch: int) -> list[int]:
-        generator = torch.Generator().manual_seed(self.config.seed * 1000 + epoch)
+        generator = torch.Generator().manual_seed(self.seed * 1000 + epoch)
         return torch.randperm(len(self.examples), generator=generator).tolist()
+
+    def _state(self) -> dict[str, Any]:
+        """What a checkpoint must match to be resumed: the training settings and the seed."""
+        return {"config": self.config.optimisation(), "seed": self.seed}
 
     def _save_checkpoint(self, epoch: int, result: TrainResult) -> None:
         """Write ``epoch-<n>/`` through a temporary folder renamed into place: a crash leaves no half checkpoint."""
@@ -231,10 +272,9 @@ class Trainer:
             save_file(optimizer_tensors, str(tmp / "optimizer.safetensors"))
             save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
             (tmp / "trainer_state.json").write_text(json.dumps({
-                "epoch": epoch, "config": asdict(self.config), "result": result.to_dict(),
+                "epoch": epoch, **self._state(), "result": result.to_dict(),
                 "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in state["param_groups"]],
                 "optimizer_scalars": optimizer_scalars, "scheduler": self.scheduler.state_dict(),
-                "python_rng": _python_rng_to_json(random.getstate()),
             }, indent=2))
             if self.save_artifact is not None:
                 self.save_artifact(tmp / "artifact")
@@ -249,8 +289,7 @@ class Trainer:
 
     def _load_checkpoint(self, path: Path) -> TrainResult:
         state = json.loads((path / "trainer_state.json").read_text())
-        saved = {k: v for k, v in state["config"].items() if k != "select_metric"}
-        current = {k: v for k, v in asdict(self.config).items() if k != "select_metric"}
+        saved, current = {**state.get("config", {}), "seed": state.get("seed")}, {**self.config.optimisation(), "seed": self.seed}
         if saved != current:
             changed = sorted(k for k in current if saved.get(k) != current[k])
             raise ValueError(f"Cannot resume from {path}: the training settings changed ({changed}). Use the same "
@@ -267,28 +306,32 @@ class Trainer:
         for key, value in list(tensors.items()) + list(state["optimizer_scalars"].items()):
             name, slot = key.split("::")
             optimizer_state.setdefault(names.index(name), {})[slot] = value
-        current = self.optimizer.state_dict()["param_groups"]
-        if len(current) != len(state["param_groups"]):
+        current_groups = self.optimizer.state_dict()["param_groups"]
+        if len(current_groups) != len(state["param_groups"]):
             raise ValueError(f"Cannot resume from {path}: it has other optimiser groups than this method.")
-        groups = [dict(saved, params=now["params"]) for saved, now in zip(state["param_groups"], current)]
+        groups = [dict(saved, params=now["params"]) for saved, now in zip(state["param_groups"], current_groups)]
         self.optimizer.load_state_dict({"state": optimizer_state, "param_groups": groups})
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(load_file(str(path / "rng.safetensors"))["torch"])
-        random.setstate(_python_rng_from_json(state["python_rng"]))
         return TrainResult(**state["result"])
 
     # ------------------------------------------------------------------------------------------- training
     def train(self, resume: bool = True) -> TrainResult:
         """Run (or finish) training; with `resume`, continue from the last complete epoch checkpoint."""
-        torch.manual_seed(self.config.seed)
-        random.seed(self.config.seed)
+        device = self.accelerator.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(self.seed)
+            return self._train(resume, device)
+
+    def _train(self, resume: bool, device: torch.device) -> TrainResult:
         result, start_epoch = TrainResult(), 1
         checkpoint = self.latest_checkpoint() if resume else None
         if checkpoint is not None:
             result = self._load_checkpoint(checkpoint)
             start_epoch = result.last_epoch + 1
-            print(f"hificl: resuming after epoch {result.last_epoch} from {checkpoint}", flush=True)
-        device = self.accelerator.device
+            logger.info("resuming after epoch %d from %s", result.last_epoch, checkpoint)
+        if self.config.log_with:
+            self.accelerator.init_trackers(self.output_dir.name, config=self.config.optimisation())
         _reset_peak_memory(device)
         bar = tqdm(total=self.total_steps, initial=result.steps, desc="train", unit="step",
                    disable=not self.progress, dynamic_ncols=True)
@@ -298,16 +341,16 @@ class Trainer:
             order = self._epoch_order(epoch)
             for first in range(0, self.batches_per_epoch, self.config.grad_accum):
                 micro = range(first, min(first + self.config.grad_accum, self.batches_per_epoch))
-                sizes = [len(order[b * self.config.batch_size:(b + 1) * self.config.batch_size]) for b in micro]
+                chunks = [order[b * self.config.batch_size:(b + 1) * self.config.batch_size] for b in micro]
+                total = sum(len(chunk) for chunk in chunks)
                 step_loss = 0.0
-                for b, size in zip(micro, sizes):
-                    items = [self.examples[i] for i in order[b * self.config.batch_size:(b + 1) * self.config.batch_size]]
-                    batch = _to_device(self.collate(items), device)
+                for chunk in chunks:
+                    batch = send_to_device(self.objective.batch([self.examples[i] for i in chunk]), device)
                     with self.accelerator.autocast():
-                        loss = self.loss_fn(self.model, batch)
+                        loss = self.objective.loss(self.model, batch)
                     # weight micro-batches by size so an accumulated step averages over its examples
-                    self.accelerator.backward(loss * size / sum(sizes))
-                    step_loss += loss.item() * size / sum(sizes)
+                    self.accelerator.backward(loss * len(chunk) / total)
+                    step_loss += loss.item() * len(chunk) / total
                 if self.config.max_grad_norm > 0:
                     self.accelerator.clip_grad_norm_(list(self.params.values()), self.config.max_grad_norm)
                 self.optimizer.step()
@@ -317,6 +360,9 @@ class Trainer:
                 losses.append(step_loss)
                 bar.update(1)
                 bar.set_postfix(epoch=epoch, loss=f"{step_loss:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
+                if self.config.log_with:
+                    self.accelerator.log({"train/loss": step_loss, "train/lr": self.scheduler.get_last_lr()[0]},
+                                         step=result.steps)
             record: dict[str, Any] = {"epoch": epoch, "train_loss": sum(losses) / len(losses),
                                       "seconds": time.perf_counter() - started}
             result.seconds += record["seconds"]
@@ -324,17 +370,24 @@ class Trainer:
                 self.model.eval()
                 record.update({f"val_{k}": v for k, v in self.validate().items()})
                 self.model.train()
-                key = f"val_{self.config.select_metric}"
-                if key in record:
-                    best = max((h for h in result.history + [record] if key in h), key=lambda h: h[key])
-                    result.best_epoch = best["epoch"]
+                if f"val_{self.selection.metric}" not in record:
+                    raise ValueError(f"Validation reported no {self.selection.metric!r} (it reported "
+                                     f"{sorted(k[4:] for k in record if k.startswith('val_'))}), so no epoch can be "
+                                     "chosen by it; set train.select_metric to one of those.")
             result.history.append(record)
+            if self.validate is not None:
+                result.best_epoch = self.selection.best(result.history)
             result.last_epoch = epoch
             result.seconds_per_step = result.seconds / max(1, result.steps)
             result.peak_memory_mb = max(result.peak_memory_mb, _peak_memory_mb(device))
-            bar.write(_epoch_line(record))
+            logger.info(_epoch_line(record))
+            if self.config.log_with:
+                self.accelerator.log({k.replace("val_", "val/"): v for k, v in record.items()
+                                      if k.startswith("val_") and isinstance(v, (int, float))}, step=result.steps)
             self._save_checkpoint(epoch, result)
         bar.close()
+        if self.config.log_with:
+            self.accelerator.end_training()
         self.model.eval()
         atomic_write_json(self.output_dir / "train_result.json", result.to_dict())
         return result
@@ -343,23 +396,7 @@ class Trainer:
         return self.output_dir / f"{CHECKPOINT_PREFIX}{epoch}"
 
 
-def _to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, dict):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    return batch.to(device) if torch.is_tensor(batch) else batch
-
-
 def _epoch_line(record: dict[str, Any]) -> str:
     parts = [f"epoch {record['epoch']}", f"train loss {record['train_loss']:.4f}", f"{record['seconds']:.0f}s"]
     parts += [f"{k} {v:.4f}" for k, v in record.items() if k.startswith("val_") and isinstance(v, float)]
     return " | ".join(parts)
-
-
-def _python_rng_to_json(state) -> list:
-    version, internal, gauss = state
-    return [version, list(internal), gauss]
-
-
-def _python_rng_from_json(data) -> tuple:
-    version, internal, gauss = data
-    return (version, tuple(internal), gauss)

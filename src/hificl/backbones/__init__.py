@@ -3,33 +3,39 @@ its family (chosen by the model's config class: see `hificl.backbones.families`)
 
 from __future__ import annotations
 
-import torch
-
+from ..core import dtype_named
+from ..registry import Registry
 from .base import IGNORE_INDEX, Backbone
 from .families import LlavaBackbone, QwenVLBackbone, default_families
 
 EMBEDDED = "embedded"
 EMBEDDED_TEXT = "embedded-text"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_REGISTERED: list[tuple[type, type[Backbone]]] = []
+FAMILIES: Registry[type[Backbone]] = Registry("backbone family")
 
 
-def register_family(config_class: type, backbone_class: type[Backbone]) -> None:
-    """Serve models whose config is a `config_class` (or a subclass) with `backbone_class` (takes precedence over
-    the built-in families)."""
-    _REGISTERED.insert(0, (config_class, backbone_class))
+def register_family(config_class: type, backbone_class: type[Backbone], replace: bool = False) -> None:
+    """Serve models whose config is a `config_class` (or a subclass) with `backbone_class`. The class closest to
+    a model's config class wins; a class already served (e.g. a built-in family) needs ``replace=True``."""
+    FAMILIES.register(config_class, backbone_class, replace=replace)
+
+
+def _register_defaults() -> None:
+    for config_class, backbone_class in default_families():
+        if config_class not in FAMILIES:
+            FAMILIES.register(config_class, backbone_class)
 
 
 def family_for(config) -> type[Backbone]:
-    """The backbone class for a model config: its multimodal family, or the generic backbone for a text-only
-    decoder. A multimodal config of no known family is refused (its image layout is unknown)."""
-    for config_class, backbone_class in _REGISTERED + default_families():
-        if isinstance(config, config_class):
-            return backbone_class
+    """The backbone class for a model config: its multimodal family (by the config's class and its bases), or
+    the generic backbone for a text-only decoder. A multimodal config of no known family is refused (its image
+    layout is unknown)."""
+    _register_defaults()
+    for config_class in type(config).__mro__:
+        if config_class in FAMILIES:
+            return FAMILIES.get(config_class)
     if getattr(config, "vision_config", None) is not None:
-        known = sorted(c.__name__ for c, _ in _REGISTERED + default_families())
-        raise ValueError(f"No backbone family for {type(config).__name__} (supported: {', '.join(known)}). Add one "
-                         "with hificl.backbones.register_family(ConfigClass, BackboneClass).")
+        raise ValueError(f"No backbone family for {type(config).__name__} (supported: {', '.join(FAMILIES.names())}). "
+                         "Add one with hificl.backbones.register_family(ConfigClass, BackboneClass).")
     return Backbone
 
 
@@ -39,6 +45,13 @@ def _chat_template(template: str | None, wanted: bool | None, spec: str) -> str 
     return template if wanted is not False and template else None
 
 
+def embedded_backbone(model, processor, chat_template: bool | None = None) -> Backbone:
+    """The backbone of the embedded SmolVLM (`hificl.embedded`), plain prompts unless `chat_template` is true."""
+    template = _chat_template(processor.chat_template, chat_template or False, EMBEDDED)
+    return Backbone(model.eval(), processor.tokenizer, processor, name="embedded SmolVLM (SmolLM2-135M)",
+                    chat_template=template)
+
+
 def load_backbone(spec: str | None = None, dtype: str = "float32", chat_template: bool | None = None) -> Backbone:
     """`None`/"embedded": the embedded SmolVLM (real SmolLM2 + this project's vision tower); "embedded-text":
     SmolLM2-135M-Instruct alone; anything else: a local folder or model id loaded with transformers (a model
@@ -46,16 +59,12 @@ def load_backbone(spec: str | None = None, dtype: str = "float32", chat_template
 
     `chat_template`: None uses the model's chat template where it has one (the embedded models keep their plain
     prompt, with which their results were measured), True requires it, False never uses it (plain prompts)."""
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}.")
-    torch_dtype = DTYPES[dtype]
+    torch_dtype = dtype_named(dtype, "dtype")
     if spec in (None, "", EMBEDDED):
         from ..embedded import load_embedded_vlm
 
         model, processor = load_embedded_vlm()
-        template = _chat_template(processor.chat_template, chat_template or False, "embedded")
-        return Backbone(model.to(torch_dtype).eval(), processor.tokenizer, processor,
-                        name="embedded SmolVLM (SmolLM2-135M)", chat_template=template)
+        return embedded_backbone(model.to(torch_dtype), processor, chat_template)
     if spec == EMBEDDED_TEXT:
         from ..embedded import load_smollm2
 
@@ -83,5 +92,5 @@ def load_backbone(spec: str | None = None, dtype: str = "float32", chat_template
                   chat_template=_chat_template(template, chat_template, spec))
 
 
-__all__ = ["Backbone", "EMBEDDED", "EMBEDDED_TEXT", "IGNORE_INDEX", "LlavaBackbone", "QwenVLBackbone", "family_for",
+__all__ = ["Backbone", "EMBEDDED", "EMBEDDED_TEXT", "FAMILIES", "IGNORE_INDEX", "LlavaBackbone", "embedded_backbone", "QwenVLBackbone", "family_for",
            "load_backbone", "register_family"]

@@ -1,24 +1,18 @@
-"""The core of hificl: the config, the virtual key-value module and the attention function. It depends on
-nothing else in the package."""
+"""The core of hificl: the config, the virtual key-value module and the attention function (with its float64
+reference and the probe that finds attention modules). It depends on nothing else in the package."""
 
-from .attention import (
-    ATTENTION_NAME,
-    AttentionCall,
-    attend_with_prefix,
-    PROVIDER_ATTR,
-    REFERENCE_ATTENTION_NAME,
-    VirtualPairs,
-    hificl_attention_forward,
-    record_attention_calls,
-    reference_attention_forward,
-    register_attention,
-)
-from .config import HiFICLConfig
+from .attention import ATTENTION_NAME, PROVIDER_ATTR, VirtualPairs, hificl_attention_forward, register_attention
+from .config import Formula, HiFICLConfig
+from .dtypes import DTYPES, dtype_named
 from .errors import AdapterMismatchError, HiFICLConfigError, UnsupportedModelError
+from .prefix import attend_with_prefix
+from .probe import PROBE_ATTENTION_NAME, AttentionCall, record_attention_calls
+from .reference import REFERENCE_ATTENTION_NAME, reference_attention_forward
 from .virtual_kv import VirtualKV, VirtualKVBank
 
 __all__ = [
-    "ATTENTION_NAME", "AttentionCall", "attend_with_prefix", "PROVIDER_ATTR", "REFERENCE_ATTENTION_NAME", "VirtualPairs", "hificl_attention_forward",
+    "ATTENTION_NAME", "AttentionCall", "DTYPES", "Formula", "PROBE_ATTENTION_NAME", "PROVIDER_ATTR",
+    "REFERENCE_ATTENTION_NAME", "VirtualPairs", "attend_with_prefix", "dtype_named", "hificl_attention_forward",
     "record_attention_calls", "reference_attention_forward", "register_attention", "HiFICLConfig",
     "AdapterMismatchError", "HiFICLConfigError", "UnsupportedModelError", "VirtualKV", "VirtualKVBank",
 ]

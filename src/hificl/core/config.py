@@ -3,16 +3,31 @@
 from __future__ import annotations
 
 import dataclasses
-import math
+import enum
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from .dtypes import DTYPES, dtype_named
 from .errors import HiFICLConfigError
+from .validate import boolean, integer, known_fields, number
 
 NORMALIZERS = ("exact", "unmasked")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+class Formula(enum.Enum):
+    """How virtual pairs enter a head's attention.
+
+    EXACT: softmax attention over ``[K_v; K]`` with the model's masks on the real keys (the paper's equation).
+    UNMASKED: the authors' released code, whose normaliser of the real keys runs over ALL keys (future and
+    padding included) while the attention itself stays masked; for measuring the difference only.
+    FIXED_ALPHA: the ablation "alpha fixed to 1": ``SA + sum_i exp(q.k_v_i) / (Z1 + Z2) v_i``.
+    """
+
+    EXACT = "exact"
+    UNMASKED = "unmasked"
+    FIXED_ALPHA = "fixed_alpha"
 
 
 @dataclass
@@ -65,10 +80,9 @@ class HiFICLConfig:
 
     def validate(self) -> None:
         """Raise `HiFICLConfigError` naming the field, the value and the fix when anything is wrong."""
+        err = {"error": HiFICLConfigError}
         for name in ("num_virtual_tokens", "rank"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise HiFICLConfigError(f"HiFICLConfig.{name} must be a positive int, got {value!r}.")
+            integer(getattr(self, name), f"HiFICLConfig.{name}", **err)
         if self.target_layers is not None:
             layers = self.target_layers
             if isinstance(layers, int) or not isinstance(layers, (list, tuple, range)):
@@ -90,23 +104,20 @@ class HiFICLConfig:
                 "'exact' is the paper's equation; 'unmasked' only reproduces the authors' code for comparison."
             )
         for name in ("key_a_std", "key_b_std", "value_a_std", "value_b_std"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise HiFICLConfigError(f"HiFICLConfig.{name} must be a finite number >= 0, got {value!r}.")
+            number(getattr(self, name), f"HiFICLConfig.{name}", **err)
         for name in ("full_rank_keys", "full_rank_values", "fixed_alpha"):
-            if not isinstance(getattr(self, name), bool):
-                raise HiFICLConfigError(f"HiFICLConfig.{name} must be true or false, got {getattr(self, name)!r}.")
+            boolean(getattr(self, name), f"HiFICLConfig.{name}", **err)
         if self.fixed_alpha and self.normalizer != "exact":
             raise HiFICLConfigError("HiFICLConfig.fixed_alpha needs normalizer='exact' (the ablation is of the paper's equation).")
-        if self.dtype not in DTYPES:
-            raise HiFICLConfigError(f"HiFICLConfig.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}.")
-        if self.init_seed is not None and (isinstance(self.init_seed, bool) or not isinstance(self.init_seed, int)):
-            raise HiFICLConfigError(f"HiFICLConfig.init_seed must be an int or None, got {self.init_seed!r}.")
+        dtype_named(self.dtype, "HiFICLConfig.dtype", **err)
+        integer(self.init_seed, "HiFICLConfig.init_seed", minimum=None, allow_none=True, **err)
 
     @property
-    def attention_path(self) -> str:
-        """The name of the attention computation in `hificl.core.attention` for this config."""
-        return "fixed_alpha" if self.fixed_alpha else self.normalizer
+    def formula(self) -> Formula:
+        """How the virtual pairs enter attention (see `Formula`)."""
+        if self.fixed_alpha:
+            return Formula.FIXED_ALPHA
+        return Formula.UNMASKED if self.normalizer == "unmasked" else Formula.EXACT
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -136,8 +147,5 @@ class HiFICLConfig:
         method = data.pop("method", "hificl")
         if method != "hificl":
             raise HiFICLConfigError(f"This config is for method {method!r}, not 'hificl'.")
-        known = {f.name for f in dataclasses.fields(cls) if f.init}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise HiFICLConfigError(f"Unknown HiFICLConfig field(s) {unknown}; known fields: {sorted(known)}.")
+        known_fields(data, (f.name for f in dataclasses.fields(cls) if f.init), "HiFICLConfig", error=HiFICLConfigError)
         return cls(**data)

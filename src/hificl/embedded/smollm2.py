@@ -10,12 +10,15 @@ about a second.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+
+from ..io import atomic_folder
+
+logger = logging.getLogger(__name__)
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_SUBDIR = "smollm2-135m-instruct"
@@ -50,7 +53,7 @@ def _convert(target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = smollm2_gguf_path()
-    print(f"hificl: converting {gguf.name} to fp32 safetensors once (~15 s), cached at {target}", flush=True)
+    logger.info("converting %s to fp32 safetensors once (~15 s), cached at %s", gguf.name, target)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # The weights are plain fp32 now; without this the saved copy would reload as "quantised".
@@ -59,21 +62,9 @@ def _convert(target: Path) -> None:
     model.hf_quantizer = None
     model.config.name_or_path = "SmolLM2-135M-Instruct"
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with atomic_folder(target, keep_existing=True) as tmp:  # another process converting at once: first one wins
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.chmod(tmp, 0o755)  # mkdtemp made it private
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if not (target / "config.json").is_file():  # not a lost race with another process
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def smollm2_dir(cache_dir: str | os.PathLike | None = None) -> Path:

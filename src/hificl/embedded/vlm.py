@@ -3,8 +3,8 @@
 ``SmolVLMForConditionalGeneration`` = SmolVLM vision transformer (small, sized for 64x64 easy-VQA
 images) + pixel-shuffle connector + the Llama text model. The text model carries SmolLM2's weights
 unchanged; four image tokens are appended to its vocabulary. The vision tower, the connector and the
-embedding rows of the new tokens are trained by ``python -m hificl.embedded.build_vlm`` and committed
-in ``hificl/embedded/assets`` (safetensors + json), so :func:`load_embedded_vlm` only assembles.
+embedding rows of the new tokens are trained by ``python -m tools.build_vlm`` (from a source checkout) and
+shipped in ``hificl/embedded/assets`` (safetensors + json), so :func:`load_embedded_vlm` only assembles.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ ASSETS_DIR = Path(__file__).with_name("assets")
 WEIGHTS_FILE = "vision_connector.safetensors"
 CONFIG_FILE = "vlm_config.json"
 METRICS_FILE = "build_metrics.json"
-BUILD_COMMAND = "python -m hificl.embedded.build_vlm"
+BUILD_COMMAND = "python -m tools.build_vlm"
 
 IMAGE_TOKEN = "<image>"
 FAKE_IMAGE_TOKEN = "<fake_token_around_image>"
@@ -138,16 +138,11 @@ def load_embedded_vlm(cache_dir: str | os.PathLike | None = None, assets_dir: st
     if not (weights.is_file() and cfg_path.is_file()):
         raise FileNotFoundError(
             f"The embedded VLM's trained vision weights are missing ({weights.name} and {cfg_path.name} in "
-            f"{assets}). Build them (about 20 minutes on 2 CPU cores) with: {BUILD_COMMAND}"
+            f"{assets}): reinstall hificl, or build them from a source checkout (about 20 minutes on 2 CPU cores) "
+            f"with: {BUILD_COMMAND}"
         )
     cfg = json.loads(cfg_path.read_text())
     lm, tokenizer = load_smollm2(cache_dir)
     model, processor = assemble_vlm(lm, tokenizer, cfg["vision_config"], cfg["scale_factor"])
     load_trainable_state(model, tokenizer, load_file(weights))
     return model.eval(), processor
-
-
-def expand_image_tokens(text: str, seq_len: int) -> str:
-    """Expand each ``<image>`` as the processor does for an unsplit image."""
-    block = FAKE_IMAGE_TOKEN + GLOBAL_IMAGE_TOKEN + IMAGE_TOKEN * seq_len + FAKE_IMAGE_TOKEN
-    return text.replace(IMAGE_TOKEN, block)

@@ -1,30 +1,42 @@
-"""Method registry: `get_method(name, **options)`."""
+"""Method registry: `get_method(name, **options)`. Adding a method means one module (its options, and how it
+composes a prompter, an adapter and an objective: see `hificl.methods.base`) plus a line here."""
 
 from __future__ import annotations
 
-from .base import Method
+from ..adapters import saved_method
+from ..registry import Registry
+from .base import Method, Parts
 from .hificl import HiFICL
 from .icl import InContext, ZeroShot
-from .live import Live
-from .lora import Lora
-from .mimic import MimIC
+from .live import Live, LiveModel
+from .lora import Lora, LoraModel
+from .mimic import MimIC, MimicModel
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (ZeroShot, InContext, HiFICL, Live, MimIC, Lora)}
+METHODS: Registry[type[Method]] = Registry("method")
+for _method in (ZeroShot, InContext, HiFICL, Live, MimIC, Lora):
+    METHODS.register(_method.name, _method)
 
 
-def register_method(cls: type[Method]) -> type[Method]:
-    METHODS[cls.name] = cls
+def register_method(cls: type[Method], replace: bool = False) -> type[Method]:
+    """Serve `cls` as method ``cls.name`` (usable as a class decorator)."""
+    METHODS.register(cls.name, cls, replace=replace)
     return cls
 
 
 def get_method(name: str, **options) -> Method:
-    if name not in METHODS:
-        raise ValueError(f"Unknown method {name!r}; known methods: {sorted(METHODS)}.")
+    cls = METHODS.get(name)
     try:
-        return METHODS[name](**options)
+        return cls(**options)
     except TypeError as error:
         raise ValueError(f"Method {name!r}: bad option(s) {sorted(options)}: {error}") from None
 
 
-__all__ = ["METHODS", "Method", "HiFICL", "InContext", "Live", "Lora", "MimIC", "ZeroShot", "get_method",
+def method_for_adapter(folder) -> Method:
+    """The method (with the settings the adapter was saved with) of a saved adapter folder."""
+    name, config = saved_method(folder)
+    return METHODS.get(name).from_saved(config)
+
+
+__all__ = ["METHODS", "Method", "Parts", "HiFICL", "InContext", "Live", "LiveModel", "Lora", "LoraModel", "MimIC",
+           "MimicModel", "ZeroShot", "get_method", "method_for_adapter",
            "register_method"]

@@ -1,26 +1,53 @@
-"""The method interface: what zero-shot, in-context learning, HiFICL (and the baselines) have in common.
-
-A method decides (1) the prompt of a query (ICL puts demonstrations in front), (2) the module that is trained
-and generates (HiFICL wraps the backbone's model), and (3) the training loss. Trainer and evaluator only talk
-to this interface.
-"""
+"""The method interface: a method is a name, validated options and a recipe that composes its parts on a backbone
+and a task -- a prompter (how a query is shown), an adapter (what is trained, PEFT-shaped) and an objective (the
+batches and the loss). Trainer, evaluator and pipeline only see the parts."""
 
 from __future__ import annotations
 
-import contextlib
-from abc import ABC
-from pathlib import Path
+import hashlib
+import json
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-import torch
 from torch import nn
 
+from ..adapters import AdapterModel, load_adapter_model
 from ..backbones import Backbone
-from ..tasks import Example, Segment, Task
+from ..objectives import AnswerLoss
+from ..prompting import Prompter
+from ..seeding import Seeds
+from ..tasks import Task
 
 
-class Method(ABC):
-    """Base class. Subclasses set `name`, and `trainable = True` if they have parameters to train."""
+@dataclass
+class Parts:
+    """A method set up on a backbone and a task.
+
+    Attributes:
+        prompter: how each query is shown to the model.
+        model: the module that is trained and generates (the adapter model, or the backbone's model).
+        adapter: the adapter model (None for training-free methods).
+        objective: the training batches and loss (None for training-free methods).
+        param_groups: optimiser groups ``{"params": [parameter names], ...settings}`` for parameters with their
+            own learning rate or weight decay; the other trainable parameters use the run's settings.
+    """
+
+    prompter: Prompter
+    model: nn.Module
+    adapter: AdapterModel | None = None
+    objective: AnswerLoss | None = None
+    param_groups: list[dict[str, Any]] = field(default_factory=list)
+
+    def close(self) -> None:
+        """Give the backbone's model back as it was."""
+        if self.adapter is not None:
+            self.adapter.unload()
+            self.adapter = None
+
+
+class Method:
+    """Base class. Subclasses set `name` (the registry key) and `trainable`, validate their options in
+    `__init__`, and implement `label` and `build`."""
 
     name: ClassVar[str]
     trainable: ClassVar[bool] = False
@@ -28,57 +55,42 @@ class Method(ABC):
     def __init__(self, **options: Any):
         if options:
             raise ValueError(f"Method {self.name!r} takes no option(s) {sorted(options)}.")
-        self.backbone: Backbone | None = None
-        self.task: Task | None = None
         self.train_overrides: dict[str, Any] = {}  # per-method training settings (e.g. LoRA's learning rate)
 
-    def setup(self, backbone: Backbone, task: Task, seed: int) -> None:
-        """Bind to a backbone and a task (build adapters, demonstration pools ...)."""
-        self.backbone, self.task = backbone, task
+    @property
+    def options(self) -> dict[str, Any]:
+        """The method's settings (defaults filled in), as JSON-able values."""
+        return {}
 
     @property
-    def model(self) -> nn.Module:
-        """The module that is trained and generates."""
-        return self.backbone.model
+    def label(self) -> str:
+        """How tables name the method."""
+        return self.name
 
-    def prompt(self, example: Example) -> list[Segment]:
-        """The segments the model sees for `example` (without its answer)."""
-        return self.task.query_prompt(example)
-
-    def training_batch(self, items: list[Example]) -> dict[str, Any]:
-        """Model inputs for training items: the prompt then the target, right-padded, `labels` on the target."""
-        return self.backbone.encode([self.prompt(e) for e in items], [self.task.target_text(e) for e in items],
-                                    padding_side="right")
-
-    def loss(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-        """Training loss of a `training_batch`: cross-entropy on the answer tokens."""
-        return model(**batch).loss
-
-    def param_groups(self, lr: float) -> list[dict[str, Any]] | None:
-        """Optimiser groups as ``[{"params": [names], "lr": ...}]`` when parameters need their own learning
-        rates (None: one group at `lr`)."""
-        return None
-
-    def disabled(self) -> contextlib.AbstractContextManager:
-        """A context in which the model is the untouched base model (for teachers)."""
-        return contextlib.nullcontext()
-
-    def generate(self, batch: dict[str, torch.Tensor], **generation: Any) -> torch.Tensor:
-        with torch.no_grad():
-            return self.model.generate(**batch, **generation)
-
-    def num_trainable_parameters(self) -> int:
-        return sum(p.numel() for p in self.model.parameters() if p.requires_grad) if self.trainable else 0
-
-    def save(self, folder: str | Path) -> None:
-        """Save what training produced (nothing for training-free methods)."""
-
-    def load(self, folder: str | Path) -> None:
-        """Load what `save` wrote."""
-
-    def close(self) -> None:
-        """Give the backbone back as it was."""
+    @property
+    def id(self) -> str:
+        """A stable identifier: the name and a short hash of the options (names result folders)."""
+        options = json.dumps(self.options, sort_keys=True, default=str)
+        return f"{self.name}-{hashlib.sha1(options.encode()).hexdigest()[:8]}" if self.options else self.name
 
     def describe(self) -> dict[str, Any]:
-        """The method's settings, for reports."""
-        return {"method": self.name}
+        """The method's label and settings, for reports."""
+        return {"method": self.label, "name": self.name, **self.options}
+
+    def prompter(self, backbone: Backbone, task: Task, seeds: Seeds) -> Prompter:
+        """How the method shows a query (default: the query prompt alone)."""
+        return Prompter(task)
+
+    def build(self, backbone: Backbone, task: Task, seeds: Seeds) -> Parts:
+        """The method's parts on `backbone` and `task` (a trained method's adapter freshly initialised)."""
+        return Parts(self.prompter(backbone, task, seeds), backbone.model)
+
+    def load(self, backbone: Backbone, task: Task, seeds: Seeds, folder) -> Parts:
+        """The parts of a trained method around the adapter saved in `folder` (for evaluation)."""
+        adapter = load_adapter_model(backbone.model, folder)
+        return Parts(self.prompter(backbone, task, seeds), adapter, adapter)
+
+    @classmethod
+    def from_saved(cls, config: dict[str, Any]) -> "Method":
+        """The method that trained a saved adapter, from its adapter_config.json (trained methods only)."""
+        raise ValueError(f"Method {cls.name!r} trains no adapter.")

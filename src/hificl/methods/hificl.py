@@ -1,23 +1,24 @@
-"""HiFICL as a method: the query prompt alone, and a `HiFICLModel` on the backbone trained on the answers."""
+"""HiFICL: the query prompt alone and a `HiFICLModel` on the backbone, trained on the answers (the paper's
+objective), or with MimIC's teacher alignment added (the paper's "+teacher" ablation, which hurt)."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import dataclasses
 from typing import Any
 
-from torch import nn
-
 from ..core import HiFICLConfig
-from ..model import HiFICLModel, get_hificl_model
-from .base import Method
-from .teacher import Teacher, capture_outputs, layer_mse
+from ..core.validate import integer, number
+from ..model import HiFICLModel
+from ..objectives import AnswerLoss, Teacher, TeacherMLPAlignment
+from .base import Method, Parts
 
 
 class HiFICL(Method):
     """Options are `HiFICLConfig` fields (num_virtual_tokens, rank, target_layers, normalizer, the ablations
     full_rank_keys / full_rank_values / fixed_alpha, ...), plus the teacher-alignment ablation: with
     ``teacher_weight > 0`` the loss adds ``teacher_weight *`` the layer-wise MSE between the MLP outputs of the
-    student and of a ``teacher_shots``-shot teacher (MimIC's alignment loss), which HURT in the paper."""
+    student and of a ``teacher_shots``-shot teacher (MimIC's alignment loss). ``init_seed`` unset: the
+    replicate's init seed."""
 
     name = "hificl"
     trainable = True
@@ -25,60 +26,43 @@ class HiFICL(Method):
     def __init__(self, teacher_weight: float = 0.0, teacher_shots: int = 8, **options: Any):
         super().__init__()
         self.config = HiFICLConfig(**options)
-        if isinstance(teacher_weight, bool) or not isinstance(teacher_weight, (int, float)) or teacher_weight < 0:
-            raise ValueError(f"hificl: teacher_weight must be a number >= 0, got {teacher_weight!r}.")
-        self.teacher_weight = float(teacher_weight)
-        self.teacher = Teacher(teacher_shots) if self.teacher_weight else None
-        self.wrapped: HiFICLModel | None = None
-
-    def setup(self, backbone, task, seed: int) -> None:
-        super().setup(backbone, task, seed)
-        if self.config.init_seed is None:
-            self.config.init_seed = seed
-        self.wrapped = get_hificl_model(backbone.model, self.config)
-        if self.teacher is not None:
-            self.teacher.setup(backbone, task, seed)
-            self.mlps = self.wrapped.routing.mlps()
-
-    def training_batch(self, items):
-        student = super().training_batch(items)
-        return {"student": student, "teacher": self.teacher.batch(items, student)} if self.teacher else student
-
-    def loss(self, model, batch):
-        if self.teacher is None:
-            return model(**batch).loss
-        student, teacher = batch["student"], batch["teacher"]
-        with capture_outputs(self.mlps) as student_hidden:
-            out = model(**student)
-        _, teacher_hidden = Teacher.run(model, self.disabled, teacher, self.mlps)
-        return out.loss + self.teacher_weight * layer_mse(teacher_hidden, student_hidden, teacher["offsets"],
-                                                          Teacher.aligned_mask(teacher, student))
+        self.teacher_weight = float(number(teacher_weight, "hificl: teacher_weight"))
+        self.teacher_shots = integer(teacher_shots, "hificl: teacher_shots")
 
     @property
-    def model(self) -> nn.Module:
-        return self.wrapped
+    def options(self) -> dict[str, Any]:
+        config = {k: v for k, v in self.config.to_dict().items() if k != "method"}
+        return {**config, "teacher_weight": self.teacher_weight, "teacher_shots": self.teacher_shots}
 
-    def disabled(self):
-        return self.wrapped.disable_adapter()
+    @property
+    def ablations(self) -> list[str]:
+        found = [name for name in ("full_rank_keys", "full_rank_values", "fixed_alpha") if getattr(self.config, name)]
+        if self.config.normalizer != "exact":
+            found.append(f"{self.config.normalizer} normalizer")
+        if self.teacher_weight:
+            found.append(f"teacher x{self.teacher_weight:g}")
+        return found
 
-    def save(self, folder: str | Path) -> None:
-        self.wrapped.save_pretrained(folder)
-
-    def load(self, folder: str | Path) -> None:
-        self.wrapped.delete_adapter(self.wrapped.active_adapter)
-        self.wrapped.load_adapter(folder)
-
-    def close(self) -> None:
-        if self.wrapped is not None:
-            self.wrapped.unload()
-            self.wrapped = None
+    @property
+    def label(self) -> str:
+        return "HiFICL" + (f" ({', '.join(self.ablations)})" if self.ablations else "")
 
     def describe(self) -> dict[str, Any]:
-        ablations = [name for name in ("full_rank_keys", "full_rank_values", "fixed_alpha") if getattr(self.config, name)]
-        if self.config.normalizer != "exact":
-            ablations.append(f"{self.config.normalizer} normalizer")
-        if self.teacher_weight:
-            ablations.append(f"teacher x{self.teacher_weight:g}")
-        label = "HiFICL" + (f" ({', '.join(ablations)})" if ablations else "")
-        return {"method": label, "num_virtual_tokens": self.config.num_virtual_tokens, "rank": self.config.rank,
-                "ablations": ablations}
+        return {**super().describe(), "ablations": self.ablations}
+
+    @classmethod
+    def from_saved(cls, config: dict[str, Any]) -> "HiFICL":
+        return cls(**{k: v for k, v in config.items() if k not in ("method", "base_model", "format_version")})
+
+    def build(self, backbone, task, seeds) -> Parts:
+        config = self.config
+        if config.init_seed is None:
+            config = dataclasses.replace(config, init_seed=seeds.init)
+        adapter = HiFICLModel(backbone.model, config)
+        prompter = self.prompter(backbone, task, seeds)
+        if not self.teacher_weight:
+            return Parts(prompter, adapter, adapter, AnswerLoss(backbone, task, prompter))
+        teacher = Teacher.with_shots(backbone, task, self.teacher_shots, seeds)
+        objective = TeacherMLPAlignment(backbone, task, prompter, teacher, adapter.routing.mlps(),
+                                        align_weight=self.teacher_weight, ce_weight=1.0)
+        return Parts(prompter, adapter, adapter, objective)

@@ -9,21 +9,34 @@ token's MLP output is bounded by ``||a v|| ~ 0.1 * 0.01 * sqrt(hidden)`` relativ
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..adapters import ModelShape, ShiftModel, register_adapter
+from ..core.validate import integer, number
+from ..objectives import Teacher, TeacherKL
 from ..routing import find_language_model
-from .teacher import Teacher, answer_positions, kl_teacher_student
-from .wrapped import TeacherShiftMethod
+from .base import Method, Parts
+
+
+@dataclass
+class LiveConfig:
+    """LIVE's adapter settings: the initialisation of the vectors (std) and the scales."""
+
+    vector_std: float = 0.01
+    scale_init: float = 0.1
+    init_seed: int = 0
 
 
 class LiveShifts(nn.Module):
-    def __init__(self, num_layers: int, hidden_size: int, generator: torch.Generator):
+    def __init__(self, num_layers: int, hidden_size: int, config: LiveConfig):
         super().__init__()
-        self.vectors = nn.Parameter(torch.randn(num_layers, hidden_size, generator=generator) * 0.01)
-        self.scales = nn.Parameter(torch.full((num_layers,), 0.1))
+        generator = torch.Generator().manual_seed(config.init_seed)
+        self.vectors = nn.Parameter(torch.randn(num_layers, hidden_size, generator=generator) * config.vector_std)
+        self.scales = nn.Parameter(torch.full((num_layers,), config.scale_init))
 
     def shift(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         shifted = hidden + (self.scales[layer] * self.vectors[layer]).to(hidden.dtype)
@@ -31,42 +44,72 @@ class LiveShifts(nn.Module):
         return shifted * (norm / shifted.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(hidden.dtype).tiny))
 
 
-class Live(TeacherShiftMethod):
-    name = "live"
-    label = "LIVE"
-    weights_file = "live.safetensors"
+@register_adapter
+class LiveModel(ShiftModel):
+    """The base model with LIVE's shifted MLP outputs (see the module docstring)."""
 
-    def __init__(self, shots: int = 8, ce_weight: float = 0.5, kl_weight: float = 1.0, vector_lr: float = 5e-3,
-                 scale_lr: float = 1e-2, **options: Any):
-        super().__init__(shots, **options)
-        self.ce_weight, self.kl_weight = float(ce_weight), float(kl_weight)
-        self.vector_lr, self.scale_lr = float(vector_lr), float(scale_lr)
-        self._hooks: list = []
+    method = "live"
+    title = "LIVE"
+    config_class = LiveConfig
 
-    def build_shifts(self, backbone, seed: int) -> nn.Module:
-        mlps = find_language_model(backbone.model).mlps()
-        hidden = backbone.model.config.get_text_config(decoder=True).hidden_size
+    def __init__(self, base_model, config: LiveConfig | None = None):
+        super().__init__(base_model, config or LiveConfig())
+        routing = find_language_model(base_model)
+        self.shape = ModelShape.of(routing)
+        mlps = routing.mlps()
+        self.shifts = LiveShifts(len(mlps), self.shape.hidden_size, self.config).to(base_model.device)
         self._hooks = [mlp.register_forward_hook(self._hook(index)) for index, mlp in enumerate(mlps)]
-        return LiveShifts(len(mlps), hidden, torch.Generator().manual_seed(seed))
 
-    def unhook(self) -> None:
+    def _hook(self, layer: int):
+        def hook(_module, _inputs, output):
+            rows = self.row_mask(output.shape[0], output.device)
+            if rows is False:
+                return output
+            shifted = self.shifts.shift(layer, output)
+            return shifted if rows is True else torch.where(rows[:, None, None], shifted, output)
+        return hook
+
+    def _release(self) -> None:
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
 
-    def _hook(self, layer: int):
-        def hook(_module, _inputs, output):
-            return self.wrapped.shifts.shift(layer, output) if self.wrapped.active else output
-        return hook
+    @classmethod
+    def _empty(cls, base_model, config: dict[str, Any]) -> "LiveModel":
+        from ..adapters import settings_from_saved
 
-    def loss(self, model, batch):
-        student, teacher = batch["student"], batch["teacher"]
-        out = model(**student)
-        teacher_logits, _ = Teacher.run(model, self.disabled, teacher)
-        aligned = Teacher.align(teacher_logits, teacher["offsets"], student["input_ids"].shape[1])
-        where = answer_positions(student["labels"]) & Teacher.aligned_mask(teacher, student)
-        kl = kl_teacher_student(aligned, out.logits, where)
-        return self.ce_weight * out.loss + self.kl_weight * kl
+        return cls(base_model, settings_from_saved(LiveConfig, config))
 
-    def param_groups(self, lr: float):
-        return [{"params": ["shifts.vectors"], "lr": self.vector_lr}, {"params": ["shifts.scales"], "lr": self.scale_lr}]
+
+class Live(Method):
+    name = "live"
+    trainable = True
+
+    def __init__(self, shots: int = 8, ce_weight: float = 0.5, kl_weight: float = 1.0, vector_lr: float = 5e-3,
+                 scale_lr: float = 1e-2, **options: Any):
+        super().__init__(**options)
+        self.shots = integer(shots, "live: shots (the teacher's demonstrations)")
+        self.ce_weight, self.kl_weight = float(number(ce_weight, "live: ce_weight")), float(number(kl_weight, "live: kl_weight"))
+        self.vector_lr = float(number(vector_lr, "live: vector_lr", positive=True))
+        self.scale_lr = float(number(scale_lr, "live: scale_lr", positive=True))
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return {"shots": self.shots, "ce_weight": self.ce_weight, "kl_weight": self.kl_weight,
+                "vector_lr": self.vector_lr, "scale_lr": self.scale_lr}
+
+    @property
+    def label(self) -> str:
+        return "LIVE"
+
+    @classmethod
+    def from_saved(cls, config: dict[str, Any]) -> "Live":
+        return cls()  # the adapter holds no training settings: the defaults are reported
+
+    def build(self, backbone, task, seeds) -> Parts:
+        adapter = LiveModel(backbone.model, LiveConfig(init_seed=seeds.init))
+        prompter = self.prompter(backbone, task, seeds)
+        teacher = Teacher.with_shots(backbone, task, self.shots, seeds)
+        objective = TeacherKL(backbone, task, prompter, teacher, self.ce_weight, self.kl_weight)
+        groups = [{"params": ["shifts.vectors"], "lr": self.vector_lr}, {"params": ["shifts.scales"], "lr": self.scale_lr}]
+        return Parts(prompter, adapter, adapter, objective, groups)

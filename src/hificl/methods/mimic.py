@@ -6,16 +6,18 @@ the query may see (causal and padding masks applied; ``q`` is the post-RoPE quer
 ``SA(q, K, V) + mu * v_h``. Loss: layer-wise MSE between the student's MLP outputs (query alone, with shifts)
 and the k-shot teacher's at the query+answer positions, plus 0.5 CE on the answer.
 
-Exact and fused: ``mu`` and ``SA`` come out of ONE SDPA call over an extra always-visible key. With the query
-augmented by a constant-1 channel, the key ``[w_h, b_h] / scale`` scores exactly ``log Z1_hat``; two extra value
-channels then carry the extra key's softmax weight (``mu``) and the real keys' total weight (``1 - mu``, summed
-directly rather than by cancellation), and ``SA`` is the real part divided by the latter. Near-zero at init
-(``|mu v_h| <= |v_h| ~ 1e-3``), exactly the base model when ``v_h = 0``.
+Exact and fused: ``mu`` and ``SA`` come out of ONE SDPA call over an extra always-visible key
+(`hificl.core.attend_with_prefix`). With the query augmented by a constant-1 channel, the key
+``[w_h, b_h] / scale`` scores exactly ``log Z1_hat``; two extra value channels then carry the extra key's softmax
+weight (``mu``) and the real keys' total weight (``1 - mu``, summed directly rather than by cancellation), and
+``SA`` is the real part divided by the latter. Near-zero at init (``|mu v_h| <= |v_h| ~ 1e-3``), exactly the base
+model when ``v_h = 0``.
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,10 +26,12 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from ..adapters import ModelShape, ShiftModel, register_adapter, settings_from_saved
 from ..core import attend_with_prefix
+from ..core.validate import integer, number
+from ..objectives import Teacher, TeacherMLPAlignment
 from ..routing import route_attention
-from .teacher import Teacher, capture_outputs, layer_mse
-from .wrapped import TeacherShiftMethod
+from .base import Method, Parts
 
 MIMIC_ATTENTION = "hificl_mimic"
 SHIFT_ATTR = "hificl_mimic_shift"
@@ -37,10 +41,14 @@ _PAD = 8  # extra channels: [1 (query) / alpha (values), mu, zeros...]; 8 keeps 
 def mimic_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
                             **kwargs):
     provider = getattr(module, SHIFT_ATTR, None)
-    params = provider() if provider is not None else None
-    if params is None:
+    params, rows = provider(query.shape[0], query.device) if provider is not None else (None, False)
+
+    def plain():
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
+                                      is_causal=is_causal, **kwargs)[0]
+
+    if rows is False:
+        return plain(), None
     shift, weight, bias = (p.to(query.dtype) for p in params)
     batch, heads, _, dim = query.shape
     scale = scaling if scaling is not None else dim ** -0.5
@@ -60,7 +68,8 @@ def mimic_attention_forward(module, query, key, value, attention_mask, dropout=0
         dropout, scale, is_causal,
     )
     real_mass, mu = out[..., dim:dim + 1], out[..., dim + 1:dim + 2]
-    return out[..., :dim] / real_mass + mu * shift, None
+    shifted = out[..., :dim] / real_mass + mu * shift
+    return (shifted if rows is True else torch.where(rows[:, None, None, None], shifted, plain())), None
 
 
 def register_mimic_attention() -> None:
@@ -68,51 +77,88 @@ def register_mimic_attention() -> None:
     AttentionMaskInterface.register(MIMIC_ATTENTION, sdpa_mask)
 
 
+@dataclass
+class MimicConfig:
+    """MimIC's adapter settings: the initialisation of the shifts (std), the magnitude weights (std) and bias."""
+
+    shift_std: float = 1e-3
+    weight_std: float = 0.0
+    init_seed: int = 0
+
+
 class MimicShifts(nn.Module):
-    def __init__(self, num_layers: int, heads: int, head_dim: int, generator: torch.Generator):
+    def __init__(self, num_layers: int, heads: int, head_dim: int, config: MimicConfig):
         super().__init__()
-        self.shift = nn.Parameter(torch.randn(num_layers, heads, head_dim, generator=generator) * 1e-3)
-        self.weight = nn.Parameter(torch.zeros(num_layers, heads, head_dim))
+        generator = torch.Generator().manual_seed(config.init_seed)
+        self.shift = nn.Parameter(torch.randn(num_layers, heads, head_dim, generator=generator) * config.shift_std)
+        weight = torch.zeros(num_layers, heads, head_dim)
+        if config.weight_std:
+            weight.normal_(0.0, config.weight_std, generator=generator)
+        self.weight = nn.Parameter(weight)
         self.bias = nn.Parameter(torch.zeros(num_layers, heads))
 
 
-class MimIC(TeacherShiftMethod):
-    name = "mimic"
-    label = "MimIC"
-    weights_file = "mimic.safetensors"
+@register_adapter
+class MimicModel(ShiftModel):
+    """The base model with MimIC's shifted attention heads (see the module docstring)."""
 
-    def __init__(self, shots: int = 8, ce_weight: float = 0.5, align_weight: float = 1.0, **options: Any):
-        super().__init__(shots, **options)
-        self.ce_weight, self.align_weight = float(ce_weight), float(align_weight)
-        self.routing = None
+    method = "mimic"
+    title = "MimIC"
+    config_class = MimicConfig
 
-    def build_shifts(self, backbone, seed: int) -> nn.Module:
+    def __init__(self, base_model, config: MimicConfig | None = None):
+        super().__init__(base_model, config or MimicConfig())
         register_mimic_attention()
-        self.routing = route_attention(backbone.model, MIMIC_ATTENTION, purpose="add MimIC shifts")
-        self.mlps = self.routing.mlps()
+        self.routing = route_attention(base_model, MIMIC_ATTENTION, purpose="add MimIC shifts")
+        self.shape = ModelShape.of(self.routing)
+        self.shifts = MimicShifts(self.shape.num_layers, self.shape.num_query_heads, self.shape.head_dim,
+                                  self.config).to(base_model.device)
         for index, module in enumerate(self.routing.attention_modules):
             setattr(module, SHIFT_ATTR, functools.partial(self._params, index))
-        first = self.routing.calls[0]
-        return MimicShifts(len(self.routing.calls), first.num_query_heads, first.head_dim,
-                           torch.Generator().manual_seed(seed))
 
-    def unhook(self) -> None:
+    def _params(self, layer: int, batch_size: int, device: torch.device):
+        rows = self.row_mask(batch_size, device)
+        if rows is False:
+            return None, False
+        return (self.shifts.shift[layer], self.shifts.weight[layer], self.shifts.bias[layer]), rows
+
+    def _release(self) -> None:
         for module in self.routing.attention_modules:
             if hasattr(module, SHIFT_ATTR):
                 delattr(module, SHIFT_ATTR)
         self.routing.restore()
-        self.routing = None
 
-    def _params(self, layer: int):
-        if not self.wrapped.active:
-            return None
-        shifts = self.wrapped.shifts
-        return shifts.shift[layer], shifts.weight[layer], shifts.bias[layer]
+    @classmethod
+    def _empty(cls, base_model, config: dict[str, Any]) -> "MimicModel":
+        return cls(base_model, settings_from_saved(MimicConfig, config))
 
-    def loss(self, model, batch):
-        student, teacher = batch["student"], batch["teacher"]
-        with capture_outputs(self.mlps) as student_hidden:
-            out = model(**student)
-        _, teacher_hidden = Teacher.run(model, self.disabled, teacher, self.mlps)
-        align = layer_mse(teacher_hidden, student_hidden, teacher["offsets"], Teacher.aligned_mask(teacher, student))
-        return self.align_weight * align + self.ce_weight * out.loss
+
+class MimIC(Method):
+    name = "mimic"
+    trainable = True
+
+    def __init__(self, shots: int = 8, ce_weight: float = 0.5, align_weight: float = 1.0, **options: Any):
+        super().__init__(**options)
+        self.shots = integer(shots, "mimic: shots (the teacher's demonstrations)")
+        self.ce_weight = float(number(ce_weight, "mimic: ce_weight"))
+        self.align_weight = float(number(align_weight, "mimic: align_weight"))
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return {"shots": self.shots, "ce_weight": self.ce_weight, "align_weight": self.align_weight}
+
+    @property
+    def label(self) -> str:
+        return "MimIC"
+
+    @classmethod
+    def from_saved(cls, config: dict[str, Any]) -> "MimIC":
+        return cls()  # the adapter holds no training settings: the defaults are reported
+
+    def build(self, backbone, task, seeds) -> Parts:
+        adapter = MimicModel(backbone.model, MimicConfig(init_seed=seeds.init))
+        prompter = self.prompter(backbone, task, seeds)
+        teacher = Teacher.with_shots(backbone, task, self.shots, seeds)
+        objective = TeacherMLPAlignment(backbone, task, prompter, teacher, adapter.routing.mlps(),
+                                        align_weight=self.align_weight, ce_weight=self.ce_weight)
+        return Parts(prompter, adapter, adapter, objective)

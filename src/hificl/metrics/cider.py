@@ -21,26 +21,24 @@ from __future__ import annotations
 import shutil
 from collections.abc import Hashable, Mapping, Sequence
 
-__all__ = ["cider_d"]
+from .base import MetricUnavailableError
 
-_INSTALL_HINT = "pip install pycocoevalcap==1.2"
-_JAVA_HINT = (
-    "CIDEr-D tokenisation runs the Stanford PTB tokenizer, which needs a Java "
-    "runtime: `java` was not found on PATH. Install one, e.g. "
-    "`apt-get install default-jre-headless` (Debian/Ubuntu) or "
-    "`conda install -c conda-forge openjdk`."
-)
+__all__ = ["cider_d", "require_cider"]
 
 
-def _import_pycocoevalcap():
+def require_cider() -> None:
+    """The pre-flight of CIDEr-D: raise `MetricUnavailableError` saying what to install when the COCO caption
+    toolkit or a Java runtime (for its PTB tokenizer) is missing."""
     try:
-        from pycocoevalcap.cider.cider import Cider
-        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
-    except ImportError as exc:  # pragma: no cover - depends on environment
-        raise ImportError(
-            f"cider_d needs the COCO caption toolkit: {_INSTALL_HINT}"
-        ) from exc
-    return Cider, PTBTokenizer
+        import pycocoevalcap.cider.cider  # noqa: F401
+        import pycocoevalcap.tokenizer.ptbtokenizer  # noqa: F401
+    except ImportError:
+        raise MetricUnavailableError("CIDEr-D needs the COCO caption toolkit: pip install pycocoevalcap==1.2 "
+                                     "(or pip install -e '.[captions]').") from None
+    if shutil.which("java") is None:
+        raise MetricUnavailableError(
+            "CIDEr-D runs the Stanford PTB tokenizer, which needs Java, but `java` is not on PATH. Install a runtime "
+            "(e.g. apt-get install default-jre-headless, or conda install -c conda-forge openjdk) and run again.")
 
 
 def _validate(
@@ -81,14 +79,14 @@ def cider_d(
         the toolkit's mean, e.g. "CIDEr 1.10" == 110).
 
     Raises:
-        ImportError: ``pycocoevalcap`` is not installed.
-        RuntimeError: no ``java`` executable, or the tokenizer produced no output.
+        MetricUnavailableError: ``pycocoevalcap`` is not installed or there is no ``java`` executable.
+        RuntimeError: the tokenizer produced no output.
         ValueError: mismatched ids or empty reference lists.
     """
     _validate(predictions, references)
-    Cider, PTBTokenizer = _import_pycocoevalcap()
-    if shutil.which("java") is None:
-        raise RuntimeError(_JAVA_HINT)
+    require_cider()
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
     ids = list(references)
     tokenizer = PTBTokenizer()

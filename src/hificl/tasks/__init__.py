@@ -1,35 +1,46 @@
-"""Task registry: `get_task(name, **options)` builds a `Task` by name."""
+"""Task registry: `get_task(name, **options)` builds a `Task` by name.
+
+A task factory takes its options and ``seed``, the run's data seed (`hificl.seeding`): the pipeline passes it,
+so a task config never states a seed of its own."""
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
-from .base import (CORPUS_METRICS, DEFAULT_TEMPLATE, Answer, CorpusScore, Example, ImageRef, Instruction, Segment,
-                   Task, majority_answer)
+from ..registry import Registry
+from ..seeding import DEFAULT_SEED
+from .base import DEFAULT_TEMPLATE, Answer, CorpusScore, Example, ImageRef, Instruction, Segment, Task, majority_answer
 from .capitals import capitals_task
 from .coco import CaptionTask, coco_captions_task, read_karpathy
 from .easyvqa import easyvqa_task
 from .jsonl import jsonl_task, read_jsonl
 from .vqav2 import okvqa_task, read_vqa, vqav2_task
 
-TASKS: dict[str, Callable[..., Task]] = {"easy-vqa": easyvqa_task, "jsonl": jsonl_task, "vqav2": vqav2_task,
-                                         "ok-vqa": okvqa_task, "coco-captions": coco_captions_task,
-                                         "capitals": capitals_task}
+TASKS: Registry[Callable[..., Task]] = Registry("task")
+for _name, _factory in (("easy-vqa", easyvqa_task), ("jsonl", jsonl_task), ("vqav2", vqav2_task),
+                        ("ok-vqa", okvqa_task), ("coco-captions", coco_captions_task), ("capitals", capitals_task)):
+    TASKS.register(_name, _factory)
 
 
-def register_task(name: str, factory: Callable[..., Task]) -> None:
-    TASKS[name] = factory
+def register_task(name: str, factory: Callable[..., Task], replace: bool = False) -> None:
+    """Serve `factory(seed=..., **options) -> Task` as task `name` (see `hificl.tasks` for the seed)."""
+    TASKS.register(name, factory, replace=replace)
 
 
-def get_task(name: str, **options) -> Task:
-    if name not in TASKS:
-        raise ValueError(f"Unknown task {name!r}; known tasks: {sorted(TASKS)} (or register_task()).")
+def get_task(name: str, seed: int = DEFAULT_SEED, **options) -> Task:
+    """The task `name` built with `options` and the run's data `seed`."""
+    factory = TASKS.get(name)
+    if "seed" in options:
+        raise ValueError(f"Task {name!r}: 'seed' is not a task option: the run's `seed` is the task's data seed.")
+    accepted = inspect.signature(factory).parameters
+    seeded = "seed" in accepted or any(p.kind is p.VAR_KEYWORD for p in accepted.values())
     try:
-        return TASKS[name](**options)
+        return factory(**options, **({"seed": seed} if seeded else {}))
     except TypeError as error:
         raise ValueError(f"Task {name!r}: bad option(s) {sorted(options)}: {error}") from None
 
 
-__all__ = ["Answer", "CORPUS_METRICS", "CaptionTask", "CorpusScore", "DEFAULT_TEMPLATE", "Example", "ImageRef",
+__all__ = ["Answer", "CaptionTask", "CorpusScore", "DEFAULT_TEMPLATE", "Example", "ImageRef",
            "Instruction", "Segment", "Task", "TASKS", "capitals_task", "coco_captions_task", "easyvqa_task", "get_task", "jsonl_task",
            "majority_answer", "okvqa_task", "read_jsonl", "read_karpathy", "read_vqa", "register_task", "vqav2_task"]

@@ -9,17 +9,15 @@ backbone with a chat template needs: an `Instruction` (stated once, at the start
 from __future__ import annotations
 
 import random
-import shutil
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Sequence, Union
 
 from PIL import Image
 
-from ..metrics import cider_d, get_metric, postprocess_generation
+from ..metrics import DEFAULT_STOP_STRINGS, Metric, get_metric, postprocess_generation
+from ..seeding import DEFAULT_SEED
 
 DEFAULT_TEMPLATE = "{image}Question: {question}\nAnswer:"
-DEFAULT_STOP = ("\n", "Question", "Answer", "Image", "Short")
 
 
 @dataclass(frozen=True)
@@ -78,9 +76,6 @@ class CorpusScore:
     details: dict = field(default_factory=dict)
 
 
-CORPUS_METRICS = ("cider_d",)
-
-
 @dataclass(frozen=True)
 class Example:
     """One query: an optional image, the question (or prompt text) and its reference answers.
@@ -121,8 +116,8 @@ class Task:
             and optionally `{image}` (where the image goes).
         answer_prefix: put between the prompt and the answer in demonstrations and training targets.
         answer_suffix: ends an answer (the generation stops there).
-        metric: a per-example metric from `hificl.metrics.METRICS`, or a corpus metric (`CORPUS_METRICS`:
-            "cider_d"), scored over the whole evaluated set by `score_corpus`.
+        metric: the name of a metric in `hificl.metrics.METRICS` (per-example, or corpus-level like "cider_d",
+            which `score_corpus` scores over the whole evaluated set). Its pre-flight runs here, before any training.
         stop_strings: generation is cut at the first of these.
         max_new_tokens: generation budget.
         instruction: text stated once at the start of every prompt (empty: none).
@@ -134,10 +129,9 @@ class Task:
     answer_prefix: str = " "
     answer_suffix: str = "\n"
     metric: str = "vqa_accuracy"
-    stop_strings: tuple[str, ...] = DEFAULT_STOP
+    stop_strings: tuple[str, ...] = DEFAULT_STOP_STRINGS
     max_new_tokens: int = 20
     instruction: str = ""
-    _metric_fn: object = field(init=False, repr=False)
 
     def __post_init__(self):
         for split in ("train", "test"):
@@ -145,14 +139,21 @@ class Task:
                 raise ValueError(f"Task {self.name!r} has no {split!r} examples.")
         if "{question}" not in self.template and any(e.question for examples in self.splits.values() for e in examples):
             raise ValueError(f"Task {self.name!r}: the template must contain '{{question}}', got {self.template!r}.")
-        self._metric_fn = None if self.metric in CORPUS_METRICS else get_metric(self.metric)
-        if self.metric == "cider_d":
-            require_cider()
+        metric = self.scorer
+        if not metric.computed:
+            raise ValueError(f"Task {self.name!r}: {self.metric!r} is reported beside a task's metric, it cannot be "
+                             "the metric itself.")
+        if metric.check is not None:
+            metric.check()
 
     @property
-    def corpus_metric(self) -> bool:
-        """Whether the metric scores the whole evaluated set at once (`score_corpus`) rather than per example."""
-        return self._metric_fn is None
+    def scorer(self) -> Metric:
+        """The task's `Metric`."""
+        return get_metric(self.metric)
+
+    def reported_metrics(self, examples: Sequence[Example]) -> list[str]:
+        """The names of the metrics `score_corpus` reports for `examples`: the task's metric first."""
+        return [self.metric]
 
     def query_prompt(self, example: Example) -> list[Segment]:
         """The prompt that asks `example`'s question, opened by the instruction (if any)."""
@@ -186,23 +187,18 @@ class Task:
 
     def score(self, prediction: str, example: Example) -> float | None:
         """The per-example score; None under a corpus metric (see `score_corpus`)."""
-        return None if self._metric_fn is None else self._metric_fn(prediction, list(example.answers))
+        metric = self.scorer
+        return None if metric.corpus_level else metric.per_example(prediction, list(example.answers))
 
     def score_corpus(self, predictions: Sequence[str], examples: Sequence[Example]) -> CorpusScore:
         """Score a whole evaluated set: the mean of per-example scores, or the corpus metric (CIDEr-D over the
         set, the references being each example's `answers`)."""
         if len(predictions) != len(examples):
             raise ValueError(f"{len(predictions)} predictions for {len(examples)} examples.")
-        if self._metric_fn is not None:
-            scores = [self.score(p, e) for p, e in zip(predictions, examples)]
-            return CorpusScore(sum(scores) / len(scores), scores)
-        ids = [e.id for e in examples]
-        if len(set(ids)) != len(ids):
-            raise ValueError(f"Task {self.name!r}: example ids must be unique to score {self.metric}.")
-        score, per_image = cider_d(dict(zip(ids, predictions)), {e.id: list(e.answers) for e in examples})
-        return CorpusScore(score, [per_image[i] for i in ids])
+        score, per_example = self.scorer.score(predictions, [e.answers for e in examples], [e.id for e in examples])
+        return CorpusScore(score, per_example)
 
-    def subset(self, split: str, limit: int | None = None, seed: int = 3407) -> list[Example]:
+    def subset(self, split: str, limit: int | None = None, seed: int = DEFAULT_SEED) -> list[Example]:
         """The first `limit` examples of a seeded shuffle of `split` (all of them, shuffled, if no limit)."""
         if split not in self.splits:
             raise ValueError(f"Task {self.name!r} has no split {split!r}; it has {sorted(self.splits)}.")
@@ -211,28 +207,8 @@ class Task:
         return examples if limit is None else examples[:limit]
 
 
-def require_cider() -> None:
-    """Fail early (before any training) when CIDEr-D cannot run: it needs pycocoevalcap and a Java runtime."""
-    try:
-        import pycocoevalcap  # noqa: F401
-    except ImportError:
-        raise ImportError("CIDEr-D needs the COCO caption toolkit: pip install pycocoevalcap==1.2 "
-                          "(or pip install -e '.[captions]').") from None
-    if shutil.which("java") is None:
-        raise FileNotFoundError("CIDEr-D runs the Stanford PTB tokenizer, which needs Java, but `java` is not on "
-                                "PATH. Install a runtime (e.g. apt-get install default-jre-headless, or conda install "
-                                "-c conda-forge openjdk) and run again.")
-
-
 def split_off_validation(train: list[Example], size: int, seed: int) -> tuple[list[Example], list[Example]]:
     """Hold out `size` examples of a seeded shuffle of `train` for validation (epoch selection)."""
     examples = list(train)
     random.Random(seed).shuffle(examples)
     return examples[size:], examples[:size]
-
-
-def existing_path(path: str | Path, where: str) -> str:
-    """`path` as a string if the file exists, else a FileNotFoundError naming `where` it came from."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{where}: image file not found: {path}")
-    return str(path)

@@ -10,7 +10,7 @@ Layout (names are options; defaults are the official ones)::
     instances_val2014.json                             (optional: COCO instance annotations, for CHAIR)
 
 Splits: test is the Karpathy `test_split` ("val", 5,000 images, as in the paper; or "test"); train is Karpathy
-train + restval minus `validation_images` images held out (seeded) for epoch selection. One example per image: its
+train + restval minus `validation_images` images held out (with the run's data seed) for epoch selection. One example per image: its
 `answers` are the reference captions (CIDEr-D scores against all of them); its `target` (training and
 demonstrations) is the first reference caption.
 """
@@ -20,6 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from ..seeding import DEFAULT_SEED
 from ..metrics import canonical_category, chair, extract_objects
 from .base import CorpusScore, Example, ImageRef, Task
 from .vqav2 import hold_out_images, read_json, require_field
@@ -37,9 +38,16 @@ class CaptionTask(Task):
         super().__init__(name, splits, **task_options)
         self.objects = objects
 
+    def _has_objects(self, examples: Sequence[Example]) -> bool:
+        return bool(self.objects) and all(e.id in self.objects for e in examples)
+
+    def reported_metrics(self, examples: Sequence[Example]) -> list[str]:
+        chair_metrics = ["chair_s", "chair_i", "chair_recall"] if self._has_objects(examples) else []
+        return super().reported_metrics(examples) + chair_metrics
+
     def score_corpus(self, predictions: Sequence[str], examples: Sequence[Example]) -> CorpusScore:
         result = super().score_corpus(predictions, examples)
-        if not self.objects or any(e.id not in self.objects for e in examples):
+        if not self._has_objects(examples):
             return result
         hallucination = chair({e.id: p for e, p in zip(examples, predictions)},
                               {e.id: self.objects[e.id] for e in examples})
@@ -95,7 +103,7 @@ def read_instance_objects(path: str | Path, image_ids: set[str]) -> dict[str, se
 
 def coco_captions_task(root: str, karpathy_file: str = "dataset_coco.json", image_root: str | None = None,
                        test_split: str = "val", instances: str | None = None, validation_images: int = 500,
-                       validation_seed: int = 3407, **task_options) -> CaptionTask:
+                       seed: int = DEFAULT_SEED, **task_options) -> CaptionTask:
     """COCO captions, Karpathy split (see the module docstring). `instances`: a COCO instances file (relative to
     `root` unless absolute) enabling CHAIR on the test set; its ground-truth objects are the image's annotated
     categories plus the objects its reference captions mention (as in Rohrbach et al. 2018)."""
@@ -106,8 +114,7 @@ def coco_captions_task(root: str, karpathy_file: str = "dataset_coco.json", imag
         raise ValueError(f"coco-captions: test_split must be 'val' or 'test', got {test_split!r}.")
     splits = read_karpathy(root_path / karpathy_file, image_root if image_root is not None else root)
     test = splits.get(test_split, [])
-    train, validation = hold_out_images(splits.get("train", []) + splits.get("restval", []), validation_images,
-                                        validation_seed)
+    train, validation = hold_out_images(splits.get("train", []) + splits.get("restval", []), validation_images, seed)
     objects = None
     if instances is not None:
         objects = read_instance_objects(root_path / instances, {e.id for e in test})

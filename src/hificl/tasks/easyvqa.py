@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import random
 
+from ..seeding import DEFAULT_SEED
 from .base import Example, ImageRef, Task
 
 
-def _load(split: str) -> list[Example]:
+def load_examples(split: str) -> list[Example]:
+    """The questions of easy-VQA's "train" or "test" split, in the package's order, each with its image."""
     try:
         import easy_vqa
     except ImportError:
@@ -24,8 +26,8 @@ def _load(split: str) -> list[Example]:
     ]
 
 
-def easyvqa_task(validation_images: int = 200, seed: int = 3407, **task_options) -> Task:
-    train, test = _load("train"), _load("test")
+def easyvqa_task(validation_images: int = 200, seed: int = DEFAULT_SEED, **task_options) -> Task:
+    train, test = load_examples("train"), load_examples("test")
     images = sorted({example.image.path for example in train})
     held_out = set(random.Random(seed).sample(images, validation_images)) if validation_images else set()
     splits = {

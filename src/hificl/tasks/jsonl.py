@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..seeding import DEFAULT_SEED
 from .base import Example, ImageRef, Task, split_off_validation
 
 KNOWN_FIELDS = {"id", "image", "question", "prompt", "answer", "answers", "target"}
@@ -67,7 +68,7 @@ def read_jsonl(path: str | Path) -> list[Example]:
 
 
 def jsonl_task(train: str, test: str, validation: str | None = None, validation_size: int = 0,
-               seed: int = 3407, name: str | None = None, **task_options) -> Task:
+               seed: int = DEFAULT_SEED, name: str | None = None, **task_options) -> Task:
     """A task from JSONL files. Without a validation file, `validation_size` examples of train are held out."""
     train_examples = read_jsonl(train)
     if validation:

@@ -15,9 +15,10 @@ OK-VQA ships the same format (OpenEnded_mscoco_{train,val}2014_questions.json, m
 Splits (the paper's protocol with its flaws fixed):
 
 * test: the official val questions; for VQAv2 a fixed subset of `test_size` (10,000) questions, namely
-  ``sorted(random.Random(subset_seed).sample(sorted(question_ids), test_size))`` with subset_seed 3407. The
+  ``sorted(random.Random(subset_seed).sample(sorted(question_ids), test_size))`` with subset_seed 3407 (part of the
+  subset's definition, not the run's seed: it stays the same whatever seed a run uses). The
   pipeline writes the chosen ids beside the results (test_ids.json). OK-VQA: the whole val set (5,046).
-* validation: the questions on `validation_images` train images chosen with `validation_seed` (held out by image,
+* validation: the questions on `validation_images` train images chosen with the run's data seed (held out by image,
   so epoch selection never sees a training image).
 * train: the other train questions; the run config trains on the first N of a seeded shuffle of them.
 
@@ -32,7 +33,9 @@ import json
 import random
 from pathlib import Path
 
-from .base import DEFAULT_STOP, DEFAULT_TEMPLATE, Example, ImageRef, Task
+from ..metrics import DEFAULT_STOP_STRINGS
+from ..seeding import DEFAULT_SEED
+from .base import DEFAULT_TEMPLATE, Example, ImageRef, Task
 
 VQA_INSTRUCTION = "Instruction: Provide an answer to the question. Use the image to answer.\n"
 VQAV2_FILES = {
@@ -42,6 +45,7 @@ VQAV2_FILES = {
     "val_annotations": "v2_mscoco_val2014_annotations.json",
 }
 OKVQA_FILES = {key: name.replace("v2_", "") for key, name in VQAV2_FILES.items()}
+PUBLISHED_SUBSET_SEED = 3407  # defines the published VQAv2 test subset (test_ids.json); never the run's seed
 
 
 def read_json(path: Path, key: str) -> tuple[dict, list]:
@@ -128,7 +132,7 @@ def fixed_subset(examples: list[Example], size: int | None, seed: int) -> list[E
 
 
 def _vqa_task(name: str, files: dict[str, str], root: str, image_root: str | None, test_size: int | None,
-              subset_seed: int, validation_images: int, validation_seed: int, task_options: dict) -> Task:
+              subset_seed: int, validation_images: int, seed: int, task_options: dict) -> Task:
     root_path = Path(root)
     if not root_path.is_dir():
         raise FileNotFoundError(f"{name}: dataset folder not found: {root} (set task.root).")
@@ -136,24 +140,26 @@ def _vqa_task(name: str, files: dict[str, str], root: str, image_root: str | Non
     images = image_root if image_root is not None else root
     train = read_vqa(paths["train_questions"], paths["train_annotations"], images)
     test = fixed_subset(read_vqa(paths["val_questions"], paths["val_annotations"], images), test_size, subset_seed)
-    train, validation = hold_out_images(train, validation_images, validation_seed)
+    train, validation = hold_out_images(train, validation_images, seed)
     defaults = {"instruction": VQA_INSTRUCTION, "template": DEFAULT_TEMPLATE, "metric": "vqa_accuracy",
-                "stop_strings": DEFAULT_STOP, "max_new_tokens": 20}
+                "stop_strings": DEFAULT_STOP_STRINGS, "max_new_tokens": 20}
     return Task(name, {"train": train, "validation": validation, "test": test}, **{**defaults, **task_options})
 
 
-def vqav2_task(root: str, image_root: str | None = None, test_size: int | None = 10000, subset_seed: int = 3407,
-               validation_images: int = 200, validation_seed: int = 3407, **options) -> Task:
+def vqav2_task(root: str, image_root: str | None = None, test_size: int | None = 10000,
+               subset_seed: int = PUBLISHED_SUBSET_SEED, validation_images: int = 200, seed: int = DEFAULT_SEED,
+               **options) -> Task:
     """VQAv2 (see the module docstring). Options named like `VQAV2_FILES` override file names (relative to
     `root`); the rest are `Task` fields (template, instruction, stop_strings, ...)."""
     files = {**VQAV2_FILES, **{k: options.pop(k) for k in list(options) if k in VQAV2_FILES}}
-    return _vqa_task("vqav2", files, root, image_root, test_size, subset_seed, validation_images, validation_seed,
+    return _vqa_task("vqav2", files, root, image_root, test_size, subset_seed, validation_images, seed,
                      options)
 
 
-def okvqa_task(root: str, image_root: str | None = None, test_size: int | None = None, subset_seed: int = 3407,
-               validation_images: int = 500, validation_seed: int = 3407, **options) -> Task:
+def okvqa_task(root: str, image_root: str | None = None, test_size: int | None = None,
+               subset_seed: int = PUBLISHED_SUBSET_SEED, validation_images: int = 500, seed: int = DEFAULT_SEED,
+               **options) -> Task:
     """OK-VQA (same format as VQAv2; by default the whole val set is the test set)."""
     files = {**OKVQA_FILES, **{k: options.pop(k) for k in list(options) if k in OKVQA_FILES}}
-    return _vqa_task("ok-vqa", files, root, image_root, test_size, subset_seed, validation_images, validation_seed,
+    return _vqa_task("ok-vqa", files, root, image_root, test_size, subset_seed, validation_images, seed,
                      options)

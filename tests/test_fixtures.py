@@ -1,11 +1,11 @@
-"""Fast checks of the tiny-model factory in tests/tiny_models.py."""
+"""Fast checks of the tiny-model factory of the fixtures package (tests/fixtures/models.py)."""
 
 import time
 
 import pytest
 import torch
 
-from tiny_models import FAMILIES, MULTIMODAL_FAMILIES, TEXT_FAMILIES, build, real_token_positions
+from fixtures import FAMILIES, MULTIMODAL_FAMILIES, TEXT_FAMILIES, build, real_token_positions
 
 ATOL = 1e-5
 

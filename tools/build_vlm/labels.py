@@ -1,4 +1,5 @@
-"""easy-VQA access for the embedded VLM: images as tensors and per-image colour/shape labels.
+"""Per-image colour/shape labels of easy-VQA for the build, on the library's easy-VQA examples
+(`hificl.tasks.easyvqa.load_examples`), and images as tensors.
 
 Every easy-VQA image holds one shape of one colour. Labels come from the dataset's own questions and
 answers ("what color is ...?" -> colour, "what shape ...?" -> shape, yes/no questions naming a
@@ -12,10 +13,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+
+from hificl.tasks.easyvqa import load_examples
 
 COLORS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
 SHAPES = ("circle", "rectangle", "triangle")
@@ -91,18 +95,11 @@ def _question_labels(questions: list[Question]) -> tuple[dict[int, str], dict[in
 
 
 def load_split(name: str) -> Split:
-    """Load the ``train`` or ``test`` split of easy-VQA with per-image labels."""
-    import easy_vqa
-
-    if name == "train":
-        texts, answers, ids = easy_vqa.get_train_questions()
-        paths = easy_vqa.get_train_image_paths()
-    elif name == "test":
-        texts, answers, ids = easy_vqa.get_test_questions()
-        paths = easy_vqa.get_test_image_paths()
-    else:
-        raise ValueError(f"unknown easy-VQA split {name!r}")
-    questions = [Question(t, a, i) for t, a, i in zip(texts, answers, ids)]
+    """Load the ``train`` or ``test`` split of easy-VQA with per-image labels (image ids: the numbers easy-VQA
+    names its image files by)."""
+    examples = load_examples(name)
+    paths = {int(Path(e.image.path).stem): e.image.path for e in examples}
+    questions = [Question(e.question, e.target, int(Path(e.image.path).stem)) for e in examples]
     q_colors, q_shapes = _question_labels(questions)
     colors, shapes = {}, {}
     for image_id, path in paths.items():

@@ -1,4 +1,4 @@
-"""The two training stages of the embedded VLM (used by :mod:`hificl.embedded.build_vlm`).
+"""The two training stages of the embedded VLM (used by `tools.build_vlm.build`).
 
 1. ``ground``: the vision tower and the connector learn together to put each image's words into
    SmolLM2's embedding space: every one of the 16 image tokens is pulled onto the input embedding of
@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import math
 import random
 import re
 from dataclasses import dataclass
@@ -23,16 +22,26 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import prompts
-from .data import COLORS, Question, Split
-from .vlm import expand_image_tokens
+from hificl.embedded.vlm import FAKE_IMAGE_TOKEN, GLOBAL_IMAGE_TOKEN, IMAGE_TOKEN
+from hificl.run_config import load_run_config
+from hificl.trainer import cosine_with_warmup
+
+from .labels import COLORS, Question, Split
+
+# The block format of the main job (its packaged config), in which the model learns to reply:
+#   Image:<image>\nQuestion: what color is the shape?\nAnswer: Blue. The circle in the image is blue.\n\n
+TEMPLATE = load_run_config("embedded-easyvqa").task["template"]
 
 
-def cosine_lr(step: int, total: int, warmup: int) -> float:
-    """Multiplier: linear warmup then cosine decay to 0."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+def vqa_prompt(question: str) -> str:
+    """A query block of the main job's format for a question about one image."""
+    return TEMPLATE.format(image=IMAGE_TOKEN, question=question)
+
+
+def expand_image_tokens(text: str, seq_len: int) -> str:
+    """Expand each ``<image>`` as the processor does for an unsplit image."""
+    block = FAKE_IMAGE_TOKEN + GLOBAL_IMAGE_TOKEN + IMAGE_TOKEN * seq_len + FAKE_IMAGE_TOKEN
+    return text.replace(IMAGE_TOKEN, block)
 
 
 def _step(opt, loss: torch.Tensor, params: list, lr_multiplier: float, losses: list[float], bar) -> None:
@@ -85,7 +94,7 @@ def ground(tower, connector, images: torch.Tensor, colors: torch.Tensor, shapes:
         loss = (F.cross_entropy(c_logits, colors[idx].repeat_interleave(half))
                 + shape_weight * F.cross_entropy(s_logits, shapes[idx].repeat_interleave(tokens.shape[1] - half))
                 + (F.mse_loss(c_tok, c_target) + F.mse_loss(s_tok, s_target)) / color_emb.pow(2).mean())
-        _step(opt, loss, params, cosine_lr(step, steps, max(1, steps // 10)), losses, bar)
+        _step(opt, loss, params, cosine_with_warmup(step, steps, max(1, steps // 10)), losses, bar)
     tower.eval()
     return losses
 
@@ -140,7 +149,7 @@ def block_sequence(rng: random.Random, split: Split, by_image: dict[int, list[Qu
         else:
             q = rng.choice(by_image[image_id])
             question, reply = q.text, verbose_reply(rng, q, color, shape)
-        text += prompts.vqa_prompt(question)
+        text += vqa_prompt(question)
         start = len(text)
         weight = answer_weight if question not in DESCRIBE_REQUESTS else 1.0  # the reply's first word answers
         for piece in re.split(r"(\{[A-Za-z]+\})", " " + reply):
@@ -166,10 +175,10 @@ class Batch:
 
 def make_batch(texts, spans, image_ids: list[list[int]], tokenizer, seq_len: int) -> Batch:
     """Tokenise (right padding) and weight each token by the heaviest span containing it."""
-    grow = len(expand_image_tokens(prompts.IMAGE, seq_len)) - len(prompts.IMAGE)
+    grow = len(expand_image_tokens(IMAGE_TOKEN, seq_len)) - len(IMAGE_TOKEN)
     expanded, moved = [], []
     for text, sp in zip(texts, spans):
-        starts = [m.start() for m in re.finditer(re.escape(prompts.IMAGE), text)]
+        starts = [m.start() for m in re.finditer(re.escape(IMAGE_TOKEN), text)]
 
         def shift(pos: int) -> int:
             return pos + grow * sum(s < pos for s in starts)
@@ -247,7 +256,7 @@ def align(model, tokenizer, split: Split, features: dict[int, torch.Tensor], ste
         image_tokens = model.model.connector(torch.stack([features[i] for i in batch.image_ids]))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = lm_loss(model, batch, image_tokens).float()
-        _step(opt, loss, trainable, cosine_lr(step, steps, max(1, steps // 20)), losses, bar)
+        _step(opt, loss, trainable, cosine_with_warmup(step, steps, max(1, steps // 20)), losses, bar)
     row_hook.remove()
     model.requires_grad_(False)
     return losses
