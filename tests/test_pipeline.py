@@ -259,3 +259,20 @@ def test_atomic_folder_keeps_the_old_folder_when_writing_fails(tmp_path):
     with atomic_folder(target) as tmp:
         (tmp / "b.txt").write_text("new")
     assert sorted(p.name for p in target.iterdir()) == ["b.txt"] and len(list(tmp_path.iterdir())) == 1
+
+
+def test_training_metrics_reach_accelerate_trackers(workspace, tmp_path):
+    """`train.log_with: [tensorboard]`: the step losses and the validation metric land in TensorBoard's files."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = _config(workspace, tmp_path, methods=[{"name": "hificl"}],
+                     train={"epochs": 1, "batch_size": 4, "grad_accum": 1, "lr": 0.05, "log_with": ["tensorboard"]})
+    pipeline.compare(config)
+    logs = tmp_path / "hificl" / "train" / "hificl"  # the tracker's folder in the method's training folder
+    assert list(logs.glob("events.out.tfevents.*")), "no TensorBoard event file"
+    accumulator = EventAccumulator(str(logs))
+    accumulator.Reload()
+    tags = set(accumulator.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "val/vqa_accuracy"} <= tags
+    assert len(accumulator.Scalars("train/loss")) == 5  # 20 training examples, batches of 4

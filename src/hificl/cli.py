@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from .run_config import DEFAULT_CONFIG, load_run_config, packaged_configs
@@ -49,13 +50,28 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--backbone", help="model: 'embedded', 'embedded-text', or a local folder / model id")
         sub.add_argument("--output-dir", help="where results, checkpoints and adapters go")
         sub.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+        sub.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                         help="how much status hificl logs to stderr (default: info)")
         if name == "eval":
             sub.add_argument("--adapter", help="a saved adapter folder for the trainable method")
     return parser
 
 
+def _configure_logging(level: str) -> None:
+    """hificl's status lines to stderr, once (a second call, e.g. from tests, changes only the level)."""
+    log = logging.getLogger("hificl")
+    log.setLevel(level.upper())
+    if not any(getattr(h, "hificl_cli", False) for h in log.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("hificl: %(message)s"))
+        handler.hificl_cli = True
+        log.addHandler(handler)
+        log.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    _configure_logging(args.log_level)
     overrides = list(args.overrides)
     if args.backbone:
         overrides.append(f"backbone={args.backbone}")
@@ -69,18 +85,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hificl: config error: {error}", file=sys.stderr)
         return 2
 
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     from . import pipeline
     from .report import markdown_table
 
     try:
-        if args.command == "compare":
-            results = pipeline.compare(config)
-        elif args.command == "train":
-            summary = pipeline.train(config)
-            print(f"adapter (epoch {summary['selected_epoch']}) saved to {summary['adapter']}")
-            return 0
-        else:
-            results = pipeline.evaluate_config(config, args.adapter)
+        with logging_redirect_tqdm(loggers=[logging.getLogger("hificl")]):
+            if args.command == "compare":
+                results = pipeline.compare(config)
+            elif args.command == "train":
+                summary = pipeline.train(config)
+                print(f"adapter (epoch {summary['selected_epoch']}) saved to {summary['adapter']}")
+                return 0
+            else:
+                results = pipeline.evaluate_config(config, args.adapter)
     except (ValueError, FileNotFoundError, ImportError) as error:
         print(f"hificl: error: {error}", file=sys.stderr)
         return 2

@@ -124,9 +124,10 @@ class RunConfig:
         return out
 
 
-def packaged_configs() -> list[str]:
+def packaged_configs(bases: bool = False) -> list[str]:
+    """The names of the packaged configs; with `bases`, also the bases they include (named with a leading "_")."""
     folder = resources.files("hificl") / "configs"
-    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml") and (bases or p.name[0] != "_"))
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -146,7 +147,7 @@ def _read_one(name: str, relative_to: Path | None) -> tuple[dict[str, Any], Path
             text = found.read_text(encoding="utf-8")
         except UnicodeDecodeError as error:
             raise ValueError(f"Config {where} is not UTF-8 text (byte {error.start}): save it as UTF-8.") from None
-    elif name in packaged_configs():
+    elif name in packaged_configs(bases=True):
         where, folder = f"{name} (packaged)", None
         text = (resources.files("hificl") / "configs" / f"{name}.yaml").read_text(encoding="utf-8")
     else:

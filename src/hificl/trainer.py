@@ -331,7 +331,7 @@ class Trainer:
             start_epoch = result.last_epoch + 1
             logger.info("resuming after epoch %d from %s", result.last_epoch, checkpoint)
         if self.config.log_with:
-            self.accelerator.init_trackers(self.output_dir.name, config=self.config.optimisation())
+            self.accelerator.init_trackers("hificl", config=self.config.optimisation())
         _reset_peak_memory(device)
         bar = tqdm(total=self.total_steps, initial=result.steps, desc="train", unit="step",
                    disable=not self.progress, dynamic_ncols=True)

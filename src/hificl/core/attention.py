@@ -19,13 +19,10 @@ from dataclasses import dataclass
 from typing import Callable, Sequence, Union
 
 import torch
-from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .config import Formula
 from .prefix import attend_with_prefix
-from .probe import register_probe
 
 ATTENTION_NAME = "hificl"
 PROVIDER_ATTR = "hificl_provider"
@@ -136,13 +133,3 @@ def hificl_attention_forward(
         return _FORMULAS[pairs.formula](module, q, k, v, mask, pairs, dropout, scaling, is_causal)
 
     return run_routed(with_pairs, plain, query, key, value, attention_mask, route(module, query)), None
-
-
-def register_attention() -> None:
-    """Register the fast attention, the float64 reference and the probe with transformers (idempotent)."""
-    from .reference import register_reference
-
-    AttentionInterface.register(ATTENTION_NAME, hificl_attention_forward)
-    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
-    register_reference()
-    register_probe()

@@ -1,0 +1,138 @@
+"""The common tester every adapter method runs (as PEFT's testers do): save and load give the same model, the
+saved files hold exactly the pinned tensor names and config fields with a checked format version, disabling
+gives exactly the base model, a mixed batch equals its rows run alone, and unloading gives the base back."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from hificl import AdapterMismatchError
+from hificl.adapters import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, load_adapter_model
+from hificl.backbones import load_backbone
+from hificl.methods import get_method
+from hificl.seeding import Seeds
+from hificl.tasks import get_task
+
+METHODS = {"hificl": {"value_b_std": 0.5}, "live": {"shots": 2}, "mimic": {"shots": 2}, "lora": {}}
+TENSORS = {  # the saved tensor names, per layer (the tiny language model has 2 layers)
+    "hificl": {f"layers.{i}.{n}" for i in range(2) for n in ("k_a", "k_b", "v_a", "v_b")},
+    "live": {"vectors", "scales"},
+    "mimic": {"shift", "weight", "bias"},
+    "lora": {f"base_model.model.model.text_model.layers.{i}.self_attn.{p}_proj.lora_{m}.weight"
+             for i in range(2) for p in "qkvo" for m in "AB"},
+}
+SHAPE = {"num_layers", "num_query_heads", "num_kv_heads", "head_dim", "text_model_type", "model_type", "hidden_size"}
+CONFIG = {  # the saved adapter_config.json fields (LoRA: PEFT's own format)
+    "hificl": {"method", "format_version", "base_model", "num_virtual_tokens", "rank", "target_layers", "normalizer",
+               "key_a_std", "key_b_std", "value_a_std", "value_b_std", "full_rank_keys", "full_rank_values",
+               "fixed_alpha", "dtype", "init_seed"},
+    "live": {"method", "format_version", "base_model", "vector_std", "scale_init", "init_seed"},
+    "mimic": {"method", "format_version", "base_model", "shift_std", "weight_std", "init_seed"},
+}
+
+
+@pytest.fixture(scope="module")
+def setting(tiny_vlm, colour_task):
+    backbone = load_backbone(tiny_vlm)
+    task = get_task("jsonl", train=colour_task["train"], test=colour_task["test"])
+    batch = backbone.encode([task.query_prompt(e) for e in task.splits["test"][:3]], padding_side="right")
+    return backbone, task, batch
+
+
+def _logits(model, batch, **kwargs):
+    model.eval()
+    with torch.no_grad():
+        return model(**batch, **kwargs).logits
+
+
+def _adapted(setting, name):
+    """The method's adapter on a fresh copy of the backbone's model, its weights moved off their initialisation."""
+    backbone, task, _ = setting
+    backbone = copy.copy(backbone)
+    backbone.model = copy.deepcopy(backbone.model)
+    parts = get_method(name, **METHODS[name]).build(backbone, task, Seeds(0, 0))
+    with torch.no_grad():
+        for tensor in parts.adapter.adapter_state("default").values():
+            tensor.add_(torch.randn_like(tensor) * 0.3)
+    return parts.adapter, backbone.model
+
+
+def _row(batch, row):
+    n = int(batch["attention_mask"][row].sum())
+    out = {k: v[row:row + 1, :n] for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+    out.update({k: v[row:row + 1] for k, v in batch.items() if k.startswith("pixel")})
+    return out, n
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_save_and_load_give_the_same_model_and_the_pinned_format(setting, name, tmp_path):
+    adapter, base = _adapted(setting, name)
+    batch = setting[2]
+    expected = _logits(adapter, batch)
+    adapter.save_pretrained(tmp_path)
+    files = {p.name for p in tmp_path.iterdir()}
+    assert files - {"README.md"} == {CONFIG_NAME, WEIGHTS_NAME}
+    from safetensors.torch import load_file
+
+    assert set(load_file(str(tmp_path / WEIGHTS_NAME))) == TENSORS[name]
+    saved = json.loads((tmp_path / CONFIG_NAME).read_text())
+    if name == "lora":
+        assert saved["peft_type"] == "LORA" and saved["r"] == 16 and saved["lora_alpha"] == 32
+    else:
+        assert set(saved) == CONFIG[name] and saved["method"] == name and saved["format_version"] == FORMAT_VERSION
+        assert set(saved["base_model"]) == SHAPE
+    untouched = adapter.unload()
+    reloaded = load_adapter_model(untouched, tmp_path)
+    assert type(reloaded) is type(adapter)
+    assert torch.equal(_logits(reloaded, batch), expected)
+    reloaded.unload()
+
+
+@pytest.mark.parametrize("name", ["hificl", "live", "mimic"])
+def test_the_format_version_is_checked_on_load(setting, name, tmp_path):
+    adapter, base = _adapted(setting, name)
+    adapter.save_pretrained(tmp_path)
+    untouched = adapter.unload()
+    config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    (tmp_path / CONFIG_NAME).write_text(json.dumps({**config, "format_version": FORMAT_VERSION + 1}))
+    with pytest.raises(AdapterMismatchError, match="newer than this hificl reads"):
+        load_adapter_model(untouched, tmp_path)
+    del config["format_version"]
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(config))
+    with pytest.raises(AdapterMismatchError, match="no valid format_version"):
+        load_adapter_model(untouched, tmp_path)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_disabled_is_exactly_the_base_and_unload_gives_it_back(setting, name):
+    batch = setting[2]
+    pristine = copy.deepcopy(setting[0].model)
+    expected = _logits(pristine, batch)
+    adapter, base = _adapted(setting, name)
+    adapted = _logits(adapter, batch)
+    assert (adapted - expected).abs().max() > 1e-4, "the adapter changes the model"
+    with adapter.disable_adapter():
+        assert torch.equal(_logits(adapter, batch), expected)
+    model = adapter.unload()
+    assert torch.equal(_logits(model, batch), expected)
+    assert [p.requires_grad for p in model.parameters()] == [p.requires_grad for p in pristine.parameters()]
+    assert [n for n, _ in model.named_modules()] == [n for n, _ in pristine.named_modules()], "nothing left hooked in"
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_a_mixed_batch_equals_its_rows_run_alone(setting, name):
+    batch = setting[2]
+    adapter, base = _adapted(setting, name)
+    names = ["default", None, "default"]
+    mixed = _logits(adapter, batch, adapter_names=names)
+    for row, adapter_name in enumerate(names):
+        alone, n = _row(batch, row)
+        if adapter_name is None:
+            with adapter.disable_adapter():
+                expected = _logits(adapter, alone)
+        else:
+            expected = _logits(adapter, alone)
+        torch.testing.assert_close(mixed[row, :n], expected[0], rtol=1e-5, atol=1e-5)
+    adapter.unload()
