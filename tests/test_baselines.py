@@ -115,7 +115,8 @@ def test_teacher_targets_come_from_the_untouched_model(workspace, name, instruct
         start = int(batch.starts[row])
         assert torch.equal(teacher["input_ids"][row, offset + start:offset + n], student["input_ids"][row, start:n])
         answer = (student["labels"][row] != -100).nonzero().flatten()
-        assert aligned[row, answer.min() - 1:n].all() and aligned[row].sum() == n - start
+        assert aligned[row, answer.min() - 1:n].all() and aligned[row].sum() == n - max(start, 1)
+        assert not aligned[row, 0], "the sequence-initial token is never aligned"
         assert (start > 0) == bool(instruction)
     teacher_logits, _ = Teacher.run(parts.model, batch)
     expected = _logits(original, teacher)
@@ -226,4 +227,33 @@ def test_mimic_cached_generation_equals_full_recomputation(workspace):
     assert torch.equal(outputs[0].sequences, outputs[1].sequences)
     for cached, full in zip(outputs[0].scores, outputs[1].scores):
         torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-5)
+    parts.close()
+
+
+@pytest.mark.parametrize("family, chat", [("smolvlm", False), ("llama", False), ("llama", True), ("qwen2_vl", True)])
+@pytest.mark.parametrize("instruction", ["", "Answer with one colour word."])
+@pytest.mark.parametrize("bos", [False, True])
+def test_the_alignment_mask_never_includes_a_sequence_initial_position(saved_model, colour_task, text_colour_task,
+                                                                     family, chat, instruction, bos):
+    """MimIC's (and LIVE's) alignment never compares a row's first token -- a BOS or the prompt's first token,
+    the attention sink -- with a token of the teacher, with or without BOS, instruction or chat template."""
+    from tokenizers import processors
+
+    backbone = load_backbone(saved_model(family, chat))
+    if bos:  # a tokenizer that adds BOS, as Llama's do
+        backbone.tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
+            single="<bos> $A", special_tokens=[("<bos>", backbone.tokenizer.convert_tokens_to_ids("<bos>"))])
+    files = colour_task if backbone.processor is not None else text_colour_task
+    task = get_task("jsonl", train=files["train"], test=files["test"], instruction=instruction)
+    parts = get_method("mimic", shots=2).build(backbone, task, Seeds(0, 0))
+    batch = parts.objective.batch(task.splits["train"][:3])
+    aligned, mask = batch.aligned(), batch.student["attention_mask"].bool()
+    for row in range(3):
+        first = int(mask[row].nonzero().min())
+        assert not aligned[row, first], (family, chat, instruction, bos)
+        if bos:
+            assert batch.student["input_ids"][row, first] == backbone.tokenizer.convert_tokens_to_ids("<bos>")
+        answer = (batch.student["labels"][row] != -100).nonzero().flatten()
+        assert aligned[row, answer].all() and aligned[row, answer.min() - 1]
+    assert torch.isfinite(parts.objective.loss(parts.model, batch))
     parts.close()

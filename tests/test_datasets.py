@@ -154,7 +154,7 @@ def test_train_eval_report_per_dataset(data, tmp_path, dataset, family, chat):
         assert row["metric"] == metric and row["num_queries"] == saved["num_test"] and row[metric] >= 0
         if metric == "cider_d":
             assert {"chair_s", "chair_i", "chair_recall"} <= set(row)
-    hificl = [r for r in results["rows"] if r["method"] == "HiFICL"]
+    hificl = [r for r in results["replicates"] if r["method"] == "HiFICL"]
     assert hificl and hificl[-1]["train_steps"] == 2 * 2 and all(r["history"][0][f"val_{metric}"] >= 0 for r in hificl)
     assert sorted(json.loads((out / "test_ids.json").read_text())) == sorted(
         json.loads(line)["id"] for line in (out / "zero-shot" / "predictions.jsonl").read_text().splitlines())

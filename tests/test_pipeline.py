@@ -52,7 +52,10 @@ def test_compare_runs_train_eval_report_end_to_end(workspace, tmp_path):
     assert (tmp_path / "accuracy.png").stat().st_size > 0 and (tmp_path / "data_efficiency.png").stat().st_size > 0
     predictions = (tmp_path / "zero-shot" / "predictions.jsonl").read_text().splitlines()
     assert len(predictions) == 8 and {"prediction", "answers", "score"} <= set(json.loads(predictions[0]))
-    assert (tmp_path / "hificl" / "train" / "epoch-2" / "artifact" / "adapter_model.safetensors").is_file()
+    hificl = next(row for row in results["rows"] if row["method"] == "HiFICL")
+    assert hificl["id"].startswith("hificl-") and hificl["seeds"] == [3407]
+    train = tmp_path / hificl["id"] / "seed-3407" / "train"
+    assert (train / "epoch-2" / "artifact" / "adapter_model.safetensors").is_file()
 
 
 def test_cli_train_then_eval_with_the_saved_adapter(workspace, tmp_path, capsys):
@@ -84,9 +87,9 @@ def test_resume_after_an_interruption_gives_the_same_adapter(workspace, tmp_path
     interrupted, parts = _trainer(workspace, tmp_path / "broken", epochs=3)
     original = interrupted._save_checkpoint
 
-    def crash_after_epoch_2(epoch, result):
-        original(epoch, result)
-        if epoch == 2:
+    def crash_after_epoch_2(name, position, result, artifact):
+        original(name, position, result, artifact)
+        if name == "epoch-2":
             raise KeyboardInterrupt
 
     interrupted._save_checkpoint = crash_after_epoch_2
@@ -268,8 +271,8 @@ def test_training_metrics_reach_accelerate_trackers(workspace, tmp_path):
 
     config = _config(workspace, tmp_path, methods=[{"name": "hificl"}],
                      train={"epochs": 1, "batch_size": 4, "grad_accum": 1, "lr": 0.05, "log_with": ["tensorboard"]})
-    pipeline.compare(config)
-    logs = tmp_path / "hificl" / "train" / "hificl"  # the tracker's folder in the method's training folder
+    results = pipeline.compare(config)
+    logs = tmp_path / results["rows"][0]["id"] / "seed-3407" / "train" / "hificl"  # the tracker's own folder
     assert list(logs.glob("events.out.tfevents.*")), "no TensorBoard event file"
     accumulator = EventAccumulator(str(logs))
     accumulator.Reload()

@@ -54,24 +54,42 @@ def _parser() -> argparse.ArgumentParser:
                          help="how much status hificl logs to stderr (default: info)")
         if name == "eval":
             sub.add_argument("--adapter", help="a saved adapter folder for the trainable method")
+        else:
+            sub.add_argument("--restart", action="store_true",
+                             help="discard the checkpoints in the output folder and train from scratch (without it, "
+                                  "a run resumes from them, and refuses to when the settings changed)")
     return parser
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is when a record is emitted (not the stream of the moment it was made)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
 
 
 def _configure_logging(level: str) -> None:
     """hificl's status lines to stderr, once (a second call, e.g. from tests, changes only the level)."""
     log = logging.getLogger("hificl")
     log.setLevel(level.upper())
-    if not any(getattr(h, "hificl_cli", False) for h in log.handlers):
-        handler = logging.StreamHandler()
+    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("hificl: %(message)s"))
-        handler.hificl_cli = True
         log.addHandler(handler)
         log.propagate = False
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    _configure_logging(args.log_level)
+    from .distributed import process_state
+
+    main_process = process_state().is_main_process
+    _configure_logging(args.log_level if main_process else "error")
     overrides = list(args.overrides)
     if args.backbone:
         overrides.append(f"backbone={args.backbone}")
@@ -93,16 +111,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with logging_redirect_tqdm(loggers=[logging.getLogger("hificl")]):
             if args.command == "compare":
-                results = pipeline.compare(config)
+                results = pipeline.compare(config, restart=args.restart)
             elif args.command == "train":
-                summary = pipeline.train(config)
-                print(f"adapter (epoch {summary['selected_epoch']}) saved to {summary['adapter']}")
+                summary = pipeline.train(config, restart=args.restart)
+                if main_process:
+                    print(f"adapter (epoch {summary['selected_epoch']}) saved to {summary['adapter']}")
                 return 0
             else:
                 results = pipeline.evaluate_config(config, args.adapter)
-    except (ValueError, FileNotFoundError, ImportError) as error:
+    except (ValueError, OSError, ImportError, RuntimeError) as error:
         print(f"hificl: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\nhificl: interrupted. Run the same command again to resume from the last checkpoint in "
+              f"{config.output_dir} (or add --restart to train from scratch).", file=sys.stderr)
+        return 130
+    if not main_process:
+        return 0
     print()
     print(markdown_table(results))
     print(f"results: {config.output_dir}/results.json, results.md, accuracy.png"

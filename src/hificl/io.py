@@ -7,12 +7,14 @@ and never those of a process still writing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import socket
 import tempfile
 import uuid
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -90,6 +92,17 @@ def atomic_folder(path: str | os.PathLike, keep_existing: bool = False) -> Itera
         shutil.rmtree(old, ignore_errors=True)
 
 
+def remove_folder(path: str | os.PathLike) -> None:
+    """Remove a folder so that no reader ever sees it half removed: it is renamed to a temporary name first (which
+    `remove_stale_temporaries` deletes if the process dies before it is gone)."""
+    path = Path(path)
+    if not path.exists():
+        return
+    aside = path.with_name(f"{_temp_prefix(path)}removing-{uuid.uuid4().hex}")
+    os.replace(path, aside)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -121,3 +134,54 @@ def remove_stale_temporaries(folder: str | os.PathLike, recursive: bool = True) 
         if recursive and entry.is_dir() and not entry.is_symlink():
             removed += remove_stale_temporaries(entry, recursive)
     return removed
+
+
+LOCK_NAME = ".hificl.lock"
+
+
+class FolderLockedError(RuntimeError):
+    """Another run is writing to the output folder."""
+
+
+@contextmanager
+def folder_lock(folder: str | os.PathLike) -> Iterator[Path]:
+    """Hold `folder` (created if needed) for one run: a lock file made with O_EXCL names this process; a second
+    run gets `FolderLockedError` naming the holder. A lock left by a process of this host that died is taken over.
+    Also checks, before anything is trained, that the folder can be written to."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"The output folder {folder} is a file: give another --output-dir.")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise PermissionError(f"Cannot create the output folder {folder} ({error.strerror}): give another "
+                              "--output-dir.") from None
+    lock = folder / LOCK_NAME
+    mine = json.dumps({"host": _HOST, "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")})
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(lock.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                holder = {}
+            if holder.get("host") == _HOST and isinstance(holder.get("pid"), int) and not _alive(holder["pid"]):
+                lock.unlink(missing_ok=True)  # its process died: take it over
+                continue
+            raise FolderLockedError(
+                f"Another hificl run (pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}) "
+                f"is writing to {folder}. Wait for it to finish, or give this run another --output-dir. (If no such "
+                f"run exists, delete {lock}.)") from None
+        except PermissionError:
+            raise PermissionError(f"The output folder {folder} is not writable: give another --output-dir.") from None
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(mine)
+        break
+    try:
+        remove_stale_temporaries(folder)
+        yield folder
+    finally:
+        with contextlib.suppress(OSError):
+            if lock.read_text(encoding="utf-8") == mine:
+                lock.unlink()

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 from torch import nn
 
 from .backbones import Backbone
@@ -65,10 +66,14 @@ class TeacherBatch:
         return TeacherBatch(move(self.student), move(self.teacher), self.offsets.to(device), self.starts.to(device))
 
     def aligned(self) -> torch.Tensor:
-        """Boolean ``[b, T_student]``: the student positions that have a teacher counterpart."""
-        ids = self.student["input_ids"]
+        """Boolean ``[b, T_student]``: the student positions that have a teacher counterpart -- never a row's
+        sequence-initial token (its first real one: a BOS, or the prompt's first token), the attention sink of
+        Llama-style models, whose huge MLP outputs have no counterpart in the middle of the teacher's context
+        (as in MimIC's and LIVE's original code)."""
+        ids, real = self.student["input_ids"], self.student["attention_mask"].bool()
         positions = torch.arange(ids.shape[1], device=ids.device)[None, :]
-        return (positions >= self.starts[:, None]) & self.student["attention_mask"].bool()
+        first = real.int().argmax(dim=1, keepdim=True)
+        return (positions >= self.starts[:, None]) & real & (positions != first)
 
     def align(self, values: torch.Tensor) -> torch.Tensor:
         """Teacher `values` ``[b, T_teacher, ...]`` at the student's positions: ``[b, T_student, ...]``."""
@@ -83,15 +88,21 @@ class TeacherBatch:
 class Teacher:
     """The frozen model with k demonstrations in context (adapter disabled, no gradient), aligned token by token
     with the student, which sees the query (and answer) alone. The shared tail must cover the whole answer and
-    the position that predicts its first token."""
+    the position that predicts its first token. With `resample`, every epoch draws each query's demonstrations
+    anew (seeded by the epoch), as MimIC's original code does at every step; otherwise a query keeps its draw."""
 
-    def __init__(self, backbone: Backbone, task: Task, prompter: KShot):
-        self.backbone, self.task, self.prompter = backbone, task, prompter
+    def __init__(self, backbone: Backbone, task: Task, prompter: KShot, resample: bool = False):
+        self.backbone, self.task, self.prompter, self.resample = backbone, task, prompter, resample
 
     @classmethod
-    def with_shots(cls, backbone: Backbone, task: Task, shots: int, seeds: Seeds) -> "Teacher":
+    def with_shots(cls, backbone: Backbone, task: Task, shots: int, seeds: Seeds, resample: bool = False) -> "Teacher":
         """A teacher with `shots` random demonstrations from train (drawn with the replicate's demos seed)."""
-        return cls(backbone, task, KShot(task, backbone, shots, data_seed=seeds.data, demos_seed=seeds.demos))
+        return cls(backbone, task, KShot(task, backbone, shots, data_seed=seeds.data, demos_seed=seeds.demos),
+                   resample)
+
+    def set_epoch(self, epoch: int) -> None:
+        if self.resample:
+            self.prompter.draw = epoch - 1
 
     def batch(self, items: list[Example], student: dict[str, torch.Tensor]) -> TeacherBatch:
         teacher = self.backbone.encode([self.prompter.prompt(e) for e in items],
@@ -121,6 +132,7 @@ class Teacher:
     def run(model: nn.Module, batch: TeacherBatch,
             capture: list[nn.Module] | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Teacher logits and (optionally) the outputs of `capture` modules, without gradient or adapter."""
+        model = extract_model_from_parallel(model)  # DDP / FSDP wrappers: the adapter model inside
         with torch.no_grad(), model.disable_adapter(), capture_outputs(capture or []) as outputs:
             logits = model(**batch.teacher).logits
         return logits, outputs
@@ -136,19 +148,27 @@ class TeacherObjective(AnswerLoss):
     def batch(self, items: list[Example]) -> TeacherBatch:
         return self.teacher.batch(items, self.student_batch(items))
 
+    def set_epoch(self, epoch: int) -> None:
+        self.teacher.set_epoch(epoch)
+
 
 class TeacherKL(TeacherObjective):
-    """``ce_weight * CE(answer) + kl_weight * KL(teacher || student)`` of the next-token distributions at the
-    positions that predict the answer tokens."""
+    """``ce_weight * CE(answer) + kl_weight * KL(teacher || student)`` of the next-token distributions, at the
+    positions that predict the answer tokens (`positions` "predicting": every answer token's prediction is
+    distilled) or at the answer tokens' own positions ("answer", LIVE's original code: the first answer token's
+    prediction is not distilled, the end-of-answer prediction is)."""
 
-    def __init__(self, backbone, task, prompter, teacher: Teacher, ce_weight: float = 0.5, kl_weight: float = 1.0):
+    def __init__(self, backbone, task, prompter, teacher: Teacher, ce_weight: float = 0.5, kl_weight: float = 1.0,
+                 positions: str = "predicting"):
         super().__init__(backbone, task, prompter, teacher)
-        self.ce_weight, self.kl_weight = ce_weight, kl_weight
+        self.ce_weight, self.kl_weight, self.positions = ce_weight, kl_weight, positions
 
     def loss(self, model: nn.Module, batch: TeacherBatch) -> torch.Tensor:
         out = model(**batch.student)
         teacher_logits, _ = Teacher.run(model, batch)
-        where = answer_positions(batch.student["labels"]) & batch.aligned()
+        labels = batch.student["labels"]
+        at = answer_positions(labels) if self.positions == "predicting" else labels != -100
+        where = at & batch.aligned()
         kl = kl_teacher_student(batch.align(teacher_logits), out.logits, where)
         return self.ce_weight * out.loss + self.kl_weight * kl
 

@@ -3,58 +3,92 @@ run's backbone and task, and hand them to the trainer and the evaluator.
 
 Protocol (the paper's, with its flaws fixed): training uses the first N of a seeded shuffle of the train split;
 a held-out validation split picks the epoch (never the test set); the test numbers are reported for the epoch
-chosen on validation AND for the last epoch.
+chosen on validation AND for the last epoch. A method with randomness of its own (training, random
+demonstrations) runs once per seed of ``seeds`` on the same data, and its row reports the mean, the spread over
+seeds and 95% bootstrap confidence intervals (`hificl.stats`).
+
+Several processes (``accelerate launch`` / ``torchrun``) run the same pipeline: each loads the backbone on its
+own device, training and evaluation split the work (`hificl.trainer`, `hificl.evaluator`), and the main process
+alone writes files and logs. A run holds its output folder (`hificl.io.folder_lock`) while it writes there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import hashlib
+import json
+import logging
 import platform
-import re
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import transformers
 
 from .backbones import Backbone, load_backbone
-from .evaluator import evaluate
-from .io import atomic_write_json
+from .distributed import process_state
+from .evaluator import EvalResult, evaluate
+from .io import atomic_write_json, folder_lock
 from .methods import Method, Parts, get_method, method_for_adapter
 from .metrics import get_metric
 from .run_config import RunConfig
 from .seeding import Seeds
+from .stats import spread
 from .tasks import Task, get_task
-from .trainer import Selection, TrainConfig, Trainer
+from .trainer import Selection, TrainConfig, Trainer, TrainResult
+
+logger = logging.getLogger(__name__)
 
 
-def _method_slug(method: Method) -> str:
-    """A folder name for a method's results, e.g. "4-shot ICL (retrieved)" -> "4-shot-icl-retrieved"."""
-    return re.sub(r"[^a-z0-9.]+", "-", method.label.lower()).strip("-")
+def _digest(examples) -> str:
+    """A short hash of examples in order: their ids, questions, answers, targets and image paths."""
+    text = "\n".join(json.dumps([e.id, e.question, list(e.answers), e.target, e.image.path if e.image else None])
+                     for e in examples)
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
 class Run:
     """One configured run: the backbone, the task and its data subsets are loaded once and shared by methods."""
 
-    def __init__(self, config: RunConfig):
-        self.config = config
+    def __init__(self, config: RunConfig, restart: bool = False):
+        self.config, self.restart = config, restart
+        self.state = process_state()
         self.output_dir = Path(config.output_dir)
-        self.seeds = Seeds(data=config.seed, replicate=config.seed)
+        self.data_seed = config.seed
+        self.replicate_seeds = list(config.seeds or [config.seed])
         task_options = {k: v for k, v in config.task.items() if k != "name"}
-        self.task: Task = get_task(config.task["name"], seed=self.seeds.data, **task_options)
+        self.task: Task = get_task(config.task["name"], seed=self.data_seed, **task_options)
         self.methods = [_build_method(spec) for spec in config.methods]
-        self.backbone: Backbone = load_backbone(config.backbone, config.dtype, config.chat_template)
-        if torch.cuda.is_available():
-            self.backbone.model.to("cuda")
-        self.train_examples = self.task.subset("train", config.train_samples, self.seeds.data)
-        self.validation_examples = (self.task.subset("validation", config.validation_samples, self.seeds.data)
+        seen: dict[str, int] = {}
+        for index, method in enumerate(self.methods):
+            if method.id in seen:
+                raise ValueError(f"methods[{seen[method.id]}] and methods[{index}] are the same method with the same "
+                                 f"settings ({method.label}, id {method.id}): remove one, or change its options.")
+            seen[method.id] = index
+        self.train_examples = self.task.subset("train", config.train_samples, self.data_seed)
+        self.validation_examples = (self.task.subset("validation", config.validation_samples, self.data_seed)
                                     if config.validation_samples and self.task.splits.get("validation") else [])
-        self.test_examples = self.task.subset("test", config.test_samples, self.seeds.data)
+        self.test_examples = self.task.subset("test", config.test_samples, self.data_seed)
         for method in self.methods:
             if method.trainable:
                 self.selection(self.train_config(method))  # a bad select_metric fails now, not after an epoch
+        self.backbone: Backbone = load_backbone(config.backbone, config.dtype, config.chat_template)
+        self.backbone.model.to(self.state.device)
+
+    @property
+    def main(self) -> bool:
+        return self.state.is_main_process
+
+    def seeds(self, replicate: int) -> Seeds:
+        return Seeds(data=self.data_seed, replicate=replicate)
+
+    def folder(self, method: Method, replicate: int | None = None) -> Path:
+        """A method's results folder: named by its id, with a sub-folder per seed for replicated methods."""
+        folder = self.output_dir / method.id
+        return folder / f"seed-{replicate}" if method.random else folder
 
     # ------------------------------------------------------------------------------------------ training
     def train_config(self, method: Method, epochs: int | None = None) -> TrainConfig:
@@ -75,8 +109,19 @@ class Run:
                              f"{self.task.metric!r}.")
         return Selection(name, get_metric(name).higher_is_better)
 
-    def train_method(self, method: Method, parts: Parts, folder: Path, train_examples=None,
-                     epochs: int | None = None) -> tuple[Any, Trainer]:
+    def fingerprint(self, method: Method, examples) -> dict[str, Any]:
+        """What defines a training run beyond its training settings: a checkpoint is resumed only under the same."""
+        config = self.config
+        return {"method": {"name": method.name, **json.loads(json.dumps(method.options, default=str))},
+                "task": config.task, "backbone": {"spec": config.backbone, "dtype": config.dtype,
+                                                  "chat_template": config.chat_template},
+                "train_data": {"count": len(examples), "digest": _digest(examples)},
+                "validation_data": {"count": len(self.validation_examples),
+                                    "digest": _digest(self.validation_examples)},
+                "eval": asdict(config.eval)}
+
+    def train_method(self, method: Method, parts: Parts, folder: Path, seeds: Seeds, train_examples=None,
+                     epochs: int | None = None) -> tuple[TrainResult, Trainer]:
         """Train a method's parts; returns the `TrainResult` and the trainer. Checkpoints go to `folder`."""
         config = self.train_config(method, epochs)
         selection = self.selection(config)
@@ -85,91 +130,157 @@ class Run:
 
         def validate():
             result = evaluate(parts.model, parts.prompter, self.backbone, self.task, self.validation_examples,
-                              self.config.eval, progress=False)
+                              self.config.eval, progress=False, warmup=False)
             return {name: result.metrics[name] for name in reported}
 
-        trainer = Trainer(parts.model, parts.objective, examples, config, folder, seed=self.seeds.order,
+        trainer = Trainer(parts.model, parts.objective, examples, config, folder, seed=seeds.order,
                           validate=validate if self.validation_examples else None, selection=selection,
                           save_artifact=parts.adapter.save_pretrained, param_groups=parts.param_groups,
-                          progress=self.config.progress)
+                          progress=self.config.progress, fingerprint=self.fingerprint(method, examples))
+        if self.restart:
+            trainer.discard_checkpoints()
         return trainer.train(), trainer
 
     # -------------------------------------------------------------------------------------------- eval
-    def evaluate_parts(self, parts: Parts, folder: Path, label: str) -> dict[str, Any]:
+    def evaluate_parts(self, parts: Parts, folder: Path, label: str) -> EvalResult:
         evaluation = evaluate(parts.model, parts.prompter, self.backbone, self.task, self.test_examples,
                               self.config.eval, progress=self.config.progress, desc=label)
-        evaluation.save(folder)
-        return evaluation.metrics
+        if self.main:
+            evaluation.save(folder)
+        return evaluation
 
-    def run_method(self, method: Method) -> list[dict[str, Any]]:
-        """Build, (train,) evaluate and close one method; returns its result rows (two for a trained method
-        whose validation-selected epoch is not the last: "selected on validation" and "last epoch")."""
-        folder = self.output_dir / _method_slug(method)
-        parts = method.build(self.backbone, self.task, self.seeds)
+    def run_replicate(self, method: Method, replicate: int) -> list[dict[str, Any]]:
+        """Build, (train,) evaluate and close one replicate of a method; returns its result rows (two for a
+        trained method whose validation-selected epoch is not the last: "selected on validation", "last epoch").
+        Each row holds the per-question scores it was computed from."""
+        seeds, folder = self.seeds(replicate), self.folder(method, replicate)
+        parts = method.build(self.backbone, self.task, seeds)
         try:
-            base_row = {"method": method.label, "settings": method.describe(),
+            base_row = {"method": method.label, "id": method.id, "settings": method.describe(), "seed": replicate,
                         "trainable_params": parts.adapter.get_nb_trainable_parameters()[0] if parts.adapter else 0}
             if not method.trainable:
-                return [{**base_row, **self.evaluate_parts(parts, folder, method.label)}]
-            result, trainer = self.train_method(method, parts, folder / "train")
+                return [{**base_row, **_row_metrics(self.evaluate_parts(parts, folder, method.label))}]
+            result, trainer = self.train_method(method, parts, folder / "train", seeds)
             checkpoints = {epoch: trainer.checkpoint(epoch) for epoch in range(1, result.last_epoch + 1)}
             del trainer  # the trainer's optimiser state and buffers are not needed to evaluate: free them
             gc.collect()  # before the timed test evaluation
             cost = {"train_seconds": result.seconds, "train_seconds_per_step": result.seconds_per_step,
                     "train_steps": result.steps, "train_peak_memory_mb": result.peak_memory_mb,
                     "train_samples": len(self.train_examples), "epochs": result.last_epoch,
-                    "history": result.history}
+                    "processes": result.processes, "history": result.history}
             rows = []
-            epochs = [("last epoch", result.last_epoch)]
-            if result.best_epoch is not None and result.best_epoch != result.last_epoch:
-                epochs.insert(0, ("selected on validation", result.best_epoch))
-            elif result.best_epoch is not None:
-                epochs = [("selected on validation = last epoch", result.last_epoch)]
-            for selection, epoch in epochs:
+            for selection, epoch in _reported_epochs(result):
                 parts.adapter.restore_weights(checkpoints[epoch] / "artifact")
-                metrics = self.evaluate_parts(parts, folder / f"test-epoch-{epoch}", method.label)
-                rows.append({**base_row, **cost, **metrics, "epoch": epoch, "selection": selection})
+                evaluation = self.evaluate_parts(parts, folder / f"test-epoch-{epoch}", method.label)
+                rows.append({**base_row, **cost, **_row_metrics(evaluation), "epoch": epoch, "selection": selection})
             return rows
         finally:
             parts.close()
 
+    def run_method(self, method: Method) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Every replicate of a method, and its aggregated rows (mean, spread and confidence intervals)."""
+        replicates = [row for seed in (self.replicate_seeds if method.random else [self.data_seed])
+                      for row in self.run_replicate(method, seed)]
+        return replicates, aggregate(replicates)
+
     def data_efficiency(self) -> list[dict[str, Any]]:
-        """The score of the first trainable method against the number of training samples."""
+        """The score of the first trainable method against the number of training samples, over the seeds."""
         trainable = [method for method in self.methods if method.trainable]
         if not trainable or not self.config.data_efficiency:
             return []
         method = trainable[0]
         points = []
         for point in self.config.data_efficiency:
-            parts = method.build(self.backbone, self.task, self.seeds)
-            try:
-                examples = self.task.subset("train", point["samples"], self.seeds.data)
-                folder = self.output_dir / "data-efficiency" / f"{point['samples']}-samples"
-                result, trainer = self.train_method(method, parts, folder / "train", examples, point["epochs"])
-                epoch = result.best_epoch or result.last_epoch
-                parts.adapter.restore_weights(trainer.checkpoint(epoch) / "artifact")
-                metrics = self.evaluate_parts(parts, folder, f"{point['samples']} samples")
-                points.append({"method": method.label, "samples": point["samples"], "epochs": point["epochs"],
-                               "epoch": epoch, "metric": metrics["metric"], "score": metrics[metrics["metric"]],
-                               "train_seconds": result.seconds})
-            finally:
-                parts.close()
+            examples = self.task.subset("train", point["samples"], self.data_seed)
+            scores, seconds, epochs = [], [], []
+            for replicate in self.replicate_seeds:
+                seeds = self.seeds(replicate)
+                parts = method.build(self.backbone, self.task, seeds)
+                try:
+                    folder = self.output_dir / "data-efficiency" / f"{point['samples']}-samples" / f"seed-{replicate}"
+                    result, trainer = self.train_method(method, parts, folder / "train", seeds, examples,
+                                                        point["epochs"])
+                    epoch = result.best_epoch or result.last_epoch
+                    parts.adapter.restore_weights(trainer.checkpoint(epoch) / "artifact")
+                    evaluation = self.evaluate_parts(parts, folder, f"{point['samples']} samples")
+                    scores.append([p["score"] for p in evaluation.predictions])
+                    seconds.append(result.seconds)
+                    epochs.append(epoch)
+                finally:
+                    parts.close()
+            summary = spread(scores)
+            points.append({"method": method.label, "samples": point["samples"], "epochs": point["epochs"],
+                           "selected_epochs": epochs, "metric": self.task.metric, "score": summary.mean,
+                           "spread": summary.to_dict(), "train_seconds": sum(seconds) / len(seconds)})
         return points
 
     def write_test_ids(self) -> None:
         """The ids of the test questions, beside the results (the published evaluation subset)."""
-        atomic_write_json(self.output_dir / "test_ids.json", [example.id for example in self.test_examples])
+        if self.main:
+            atomic_write_json(self.output_dir / "test_ids.json", [example.id for example in self.test_examples])
 
     def report_header(self) -> dict[str, Any]:
         return {
             "config": self.config.to_dict(), "task": self.task.name, "metric": self.task.metric,
             "backbone": self.backbone.name, "num_train": len(self.train_examples),
             "num_validation": len(self.validation_examples), "num_test": len(self.test_examples),
+            "seeds": self.replicate_seeds,
             "environment": {"torch": torch.__version__, "transformers": transformers.__version__,
-                            "device": str(self.backbone.device), "threads": torch.get_num_threads(),
-                            "machine": platform.machine(), "python": platform.python_version()},
+                            "device": str(self.backbone.device), "processes": self.state.num_processes,
+                            "threads": torch.get_num_threads(), "machine": platform.machine(),
+                            "python": platform.python_version()},
             "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
+
+
+def _row_metrics(evaluation: EvalResult) -> dict[str, Any]:
+    return {**evaluation.metrics, "per_question": [p["score"] for p in evaluation.predictions]}
+
+
+def _reported_epochs(result: TrainResult) -> list[tuple[str, int]]:
+    if result.best_epoch is None:
+        return [("last epoch", result.last_epoch)]
+    if result.best_epoch == result.last_epoch:
+        return [("selected on validation = last epoch", result.last_epoch)]
+    return [("selected on validation", result.best_epoch), ("last epoch", result.last_epoch)]
+
+
+_MEANS = ("seconds_per_query", "prompt_tokens_per_query", "train_seconds", "train_seconds_per_step", "train_steps",
+          "epochs")
+
+
+def aggregate(replicates: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A method's rows over its replicates: one per reported epoch ("selected on validation" and "last epoch",
+    or one row where every replicate's selected epoch is its last), each with the mean of every number, the
+    spread of the score (`hificl.stats.Spread`) and the replicates' own scores."""
+    by_seed: dict[int, list[dict[str, Any]]] = {}
+    for row in replicates:
+        by_seed.setdefault(row["seed"], []).append(row)
+    firsts = [rows[0] for rows in by_seed.values()]
+    if all(len(rows) == 1 for rows in by_seed.values()) and len({r.get("selection") for r in firsts}) == 1:
+        groups = [(firsts[0].get("selection"), firsts)]
+    else:
+        groups = [("selected on validation", [next(r for r in rows if r["selection"].startswith("selected"))
+                                              for rows in by_seed.values()]),
+                  ("last epoch", [next(r for r in rows if r["selection"].endswith("last epoch"))
+                                  for rows in by_seed.values()])]
+    aggregated = []
+    for selection, group in groups:
+        first, metric = group[0], group[0]["metric"]
+        summary = spread([row["per_question"] for row in group])
+        row = {k: v for k, v in first.items() if k not in ("per_question", "history", "seed", "epoch")}
+        row.update({metric: summary.mean, "spread": summary.to_dict(), "seeds": [r["seed"] for r in group],
+                    "replicate_scores": [r[metric] for r in group]})
+        if selection is not None:
+            row.update({"selection": selection, "epochs_reported": [r["epoch"] for r in group]})
+        for key in _MEANS + ("chair_s", "chair_i", "chair_recall"):
+            values = [r[key] for r in group if isinstance(r.get(key), (int, float))]
+            if len(values) == len(group):
+                row[key] = sum(values) / len(values)
+        if "train_peak_memory_mb" in first:
+            row["train_peak_memory_mb"] = max(r["train_peak_memory_mb"] for r in group)
+        aggregated.append(row)
+    return aggregated
 
 
 def _build_method(spec: dict[str, Any]) -> Method:
@@ -186,41 +297,61 @@ def _build_method(spec: dict[str, Any]) -> Method:
     return method
 
 
-def compare(config: RunConfig) -> dict[str, Any]:
+@contextlib.contextmanager
+def _holding(config: RunConfig) -> Iterator[None]:
+    """The run's output folder, locked by the main process while the run writes there."""
+    if process_state().is_main_process:
+        with folder_lock(config.output_dir):
+            yield
+    else:
+        yield
+
+
+def compare(config: RunConfig, restart: bool = False) -> dict[str, Any]:
     """Run every configured method under one protocol and write the report."""
     from .report import write_report
 
     started = time.perf_counter()
-    run = Run(config)
-    run.write_test_ids()
-    rows = []
-    for method in run.methods:
-        rows += run.run_method(method)
-    results = {**run.report_header(), "rows": rows, "data_efficiency": run.data_efficiency()}
-    results["total_seconds"] = time.perf_counter() - started
-    write_report(results, run.output_dir)
+    with _holding(config):
+        run = Run(config, restart)
+        run.write_test_ids()
+        rows, replicates = [], []
+        for method in run.methods:
+            mine, aggregated = run.run_method(method)
+            replicates += mine
+            rows += aggregated
+        results = {**run.report_header(), "rows": rows, "replicates": replicates,
+                   "data_efficiency": run.data_efficiency()}
+        results["total_seconds"] = time.perf_counter() - started
+        if run.main:
+            write_report(results, run.output_dir)
     return results
 
 
-def train(config: RunConfig) -> dict[str, Any]:
+def train(config: RunConfig, restart: bool = False) -> dict[str, Any]:
     """Train the (single) trainable method of the config and save its selected adapter to output_dir/adapter."""
-    run = Run(config)
-    trainable = [m for m in run.methods if m.trainable]
-    if len(trainable) != 1:
-        raise ValueError(f"`train` needs exactly one trainable method in 'methods', found "
-                         f"{[m.name for m in trainable]}; e.g. --set 'methods=[{{name: hificl}}]'.")
-    method = trainable[0]
-    parts = method.build(run.backbone, run.task, run.seeds)
-    try:
-        result, trainer = run.train_method(method, parts, run.output_dir / "train")
-        epoch = result.best_epoch or result.last_epoch
-        parts.adapter.restore_weights(trainer.checkpoint(epoch) / "artifact")
-        parts.adapter.save_pretrained(run.output_dir / "adapter")
-    finally:
-        parts.close()
-    summary = {**run.report_header(), "train": result.to_dict(), "selected_epoch": epoch,
-               "adapter": str(run.output_dir / "adapter")}
-    atomic_write_json(run.output_dir / "train_summary.json", summary)
+    with _holding(config):
+        run = Run(config, restart)
+        trainable = [m for m in run.methods if m.trainable]
+        if len(trainable) != 1:
+            raise ValueError(f"`train` needs exactly one trainable method in 'methods', found "
+                             f"{[m.name for m in trainable]}; e.g. --set 'methods=[{{name: hificl}}]'.")
+        method, seeds = trainable[0], run.seeds(run.replicate_seeds[0])
+        if len(run.replicate_seeds) > 1:
+            logger.warning("`train` trains one adapter: with seed %d (the first of seeds)", run.replicate_seeds[0])
+        parts = method.build(run.backbone, run.task, seeds)
+        try:
+            result, trainer = run.train_method(method, parts, run.output_dir / "train", seeds)
+            epoch = result.best_epoch or result.last_epoch
+            parts.adapter.restore_weights(trainer.checkpoint(epoch) / "artifact")
+            if run.main:
+                parts.adapter.save_pretrained(run.output_dir / "adapter")
+        finally:
+            parts.close()
+        summary = {**run.report_header(), "train": result.to_dict(), "selected_epoch": epoch,
+                   "adapter": str(run.output_dir / "adapter")}
+        if run.main:
+            atomic_write_json(run.output_dir / "train_summary.json", summary)
     return summary
 
 
@@ -230,25 +361,35 @@ def evaluate_config(config: RunConfig, adapter: str | None = None) -> dict[str, 
     size, whatever the config's entry for the method says."""
     from .report import write_report
 
-    run = Run(config)
-    run.write_test_ids()
-    rows = []
-    for configured in run.methods:
-        if configured.trainable:
-            if adapter is None:
-                raise ValueError(f"Method {configured.name!r} is trainable: give --adapter FOLDER (from `hificl train`).")
-            method = method_for_adapter(adapter)
-            parts = method.load(run.backbone, run.task, run.seeds, adapter)
-        else:
-            method = configured
-            parts = method.build(run.backbone, run.task, run.seeds)
-        try:
-            metrics = run.evaluate_parts(parts, run.output_dir / _method_slug(method), method.label)
-            size = {"adapter_params": parts.adapter.num_adapter_parameters(), "adapter": str(adapter)} if parts.adapter else {}
-            rows.append({"method": method.label, "settings": method.describe(), "trainable_params": 0, **size,
-                         **metrics})
-        finally:
-            parts.close()
-    results = {**run.report_header(), "rows": rows, "data_efficiency": []}
-    write_report(results, run.output_dir)
+    with _holding(config):
+        run = Run(config)
+        run.write_test_ids()
+        rows, replicates = [], []
+        for configured in run.methods:
+            if configured.trainable:
+                if adapter is None:
+                    raise ValueError(f"Method {configured.name!r} is trainable: give --adapter FOLDER (from `hificl "
+                                     "train`).")
+                method = method_for_adapter(adapter)
+                seeds = [run.data_seed]
+            else:
+                method = configured
+                seeds = run.replicate_seeds if method.random else [run.data_seed]
+            mine = []
+            for replicate in seeds:
+                parts = (method.load(run.backbone, run.task, run.seeds(replicate), adapter) if configured.trainable
+                         else method.build(run.backbone, run.task, run.seeds(replicate)))
+                try:
+                    evaluation = run.evaluate_parts(parts, run.folder(method, replicate), method.label)
+                    size = ({"adapter_params": parts.adapter.num_adapter_parameters(), "adapter": str(adapter)}
+                            if parts.adapter else {})
+                    mine.append({"method": method.label, "id": method.id, "settings": method.describe(),
+                                 "seed": replicate, "trainable_params": 0, **size, **_row_metrics(evaluation)})
+                finally:
+                    parts.close()
+            replicates += mine
+            rows += aggregate(mine)
+        results = {**run.report_header(), "rows": rows, "replicates": replicates, "data_efficiency": []}
+        if run.main:
+            write_report(results, run.output_dir)
     return results

@@ -62,6 +62,7 @@ class KShot(Prompter):
         if len(self.pool) < shots:
             raise ValueError(f"icl: {shots} shots but only {len(self.pool)} training examples.")
         self._pool_features: torch.Tensor | None = None
+        self.draw = 0  # a later draw of random demonstrations (e.g. a teacher's next epoch)
 
     @property
     def shots(self) -> int:
@@ -85,10 +86,11 @@ class KShot(Prompter):
         return torch.nn.functional.normalize(features, dim=-1)
 
     def demonstrations(self, example: Example) -> list[Example]:
-        """The same demonstrations for a query whatever the batch or order it comes in."""
+        """The same demonstrations for a query (and `draw`) whatever the batch or order it comes in."""
         if self.selection == "retrieval":
             return self._nearest(example)
-        rng = random.Random(zlib.crc32(f"{self.demos_seed}:{example.id}".encode()))
+        key = f"{self.demos_seed}:{example.id}" if not self.draw else f"{self.demos_seed}:{self.draw}:{example.id}"
+        rng = random.Random(zlib.crc32(key.encode()))
         chosen: list[Example] = []
         while len(chosen) < self._shots:
             candidate = self.pool[rng.randrange(len(self.pool))]

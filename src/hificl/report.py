@@ -1,5 +1,8 @@
 """Results as JSON (for machines), a Markdown table (for people) and PNG plots. Scores are read and shown by
-their metric's name (`hificl.metrics`): percentages for accuracies, plain numbers for CIDEr-D."""
+their metric's name (`hificl.metrics`): percentages for accuracies, plain numbers for CIDEr-D. A row measured
+over several seeds shows its mean, the standard deviation over seeds and a 95% bootstrap confidence interval
+(over the test questions and the seeds; over the questions alone for one seed); the plots draw the interval as
+error bars."""
 
 from __future__ import annotations
 
@@ -13,6 +16,9 @@ COLUMNS = [
     ("method", "method", "{}"),
     ("selection", "epoch", "{}"),
     ("score", "score", None),
+    ("std", "± seeds", None),
+    ("ci", "95% CI", None),
+    ("seeds", "seeds", None),
     ("trainable_params", "params", "{:,}"),
     ("adapter_params", "adapter params", "{:,}"),
     ("train_seconds", "train time", "{:.0f} s"),
@@ -27,9 +33,31 @@ def score_of(row: dict[str, Any]) -> float:
     return row[row["metric"]]
 
 
+def interval(entry: dict[str, Any]) -> tuple[float, float] | None:
+    """The 95% interval of a row or data-efficiency point: over questions and seeds, or questions alone (1 seed)."""
+    spread = entry.get("spread")
+    if not spread:
+        return None
+    return tuple(spread["ci_questions_and_seeds"] if spread["replicates"] > 1 else spread["ci_questions"])
+
+
+def _statistic(row: dict[str, Any], key: str) -> str:
+    metric, spread = get_metric(row["metric"]), row.get("spread")
+    if key == "score":
+        return metric.format(score_of(row))
+    if not spread:
+        return "-"
+    if key == "seeds":
+        return str(spread["replicates"])
+    if key == "std":
+        return f"{metric.scale(spread['std']):.2f}" if spread["replicates"] > 1 else "-"
+    low, high = interval(row)
+    return f"{metric.scale(low):.2f}-{metric.scale(high):.2f}"
+
+
 def _cell(row: dict[str, Any], key: str, fmt: str | None) -> str:
     if fmt is None:
-        return get_metric(row["metric"]).format(score_of(row))
+        return _statistic(row, key)
     value = row.get(key)
     if value is None or value == "":
         return "-"
@@ -40,17 +68,25 @@ def _cell(row: dict[str, Any], key: str, fmt: str | None) -> str:
 
 def markdown_table(results: dict[str, Any]) -> str:
     rows = results["rows"]
-    columns = [c for c in COLUMNS if c[2] is None or any(r.get(c[0]) not in (None, "") for r in rows)]
+    columns = [c for c in COLUMNS if c[0] == "score" or (c[2] is None and any(r.get("spread") for r in rows))
+               or any(r.get(c[0]) not in (None, "") for r in rows)]
     lines = ["| " + " | ".join(title for _, title, _ in columns) + " |",
              "|" + "|".join("---" for _ in columns) + "|"]
     lines += ["| " + " | ".join(_cell(row, key, fmt) for key, _, fmt in columns) + " |" for row in rows]
     metric = get_metric(results["metric"])
+    seeds = results.get("seeds") or []
     text = (f"**{results['task']}** on {results['backbone']}: {results['num_test']} test questions, "
-            f"{results['num_train']} training samples, score = {metric.name}\n\n" + "\n".join(lines) + "\n")
+            f"{results['num_train']} training samples, score = {metric.name}"
+            + (f"; methods with randomness of their own over seeds {', '.join(map(str, seeds))} (mean, standard "
+               "deviation over seeds, 95% bootstrap interval over questions and seeds)" if len(seeds) > 1 else "")
+            + "\n\n" + "\n".join(lines) + "\n")
     if results.get("data_efficiency"):
-        text += "\nData efficiency (test score vs training samples):\n\n| samples | epochs | score |\n|---|---|---|\n"
-        text += "".join(f"| {p['samples']} | {p['epochs']} | {metric.format(p['score'])} |\n"
-                        for p in results["data_efficiency"])
+        text += ("\nData efficiency (test score vs training samples):\n\n| samples | epochs | score | 95% CI |\n"
+                 "|---|---|---|---|\n")
+        for point in results["data_efficiency"]:
+            low, high = interval(point) or (point["score"], point["score"])
+            text += (f"| {point['samples']} | {point['epochs']} | {metric.format(point['score'])} | "
+                     f"{metric.scale(low):.2f}-{metric.scale(high):.2f} |\n")
     return text
 
 
@@ -67,7 +103,10 @@ def _plots(results: dict[str, Any], folder: Path) -> list[Path]:
     labels = [r["method"] + (f"\n({r['selection']})" if r.get("selection", "").startswith("last") and len(
         [x for x in rows if x["method"] == r["method"]]) > 1 else "") for r in rows]
     figure, axis = plt.subplots(figsize=(max(6, 1.2 * len(rows)), 4))
-    bars = axis.bar(range(len(rows)), [metric.scale(score_of(r)) for r in rows], color="#4c72b0")
+    heights = [metric.scale(score_of(r)) for r in rows]
+    errors = [[h - metric.scale((interval(r) or (score_of(r),) * 2)[0]) for h, r in zip(heights, rows)],
+              [metric.scale((interval(r) or (score_of(r),) * 2)[1]) - h for h, r in zip(heights, rows)]]
+    bars = axis.bar(range(len(rows)), heights, yerr=errors, capsize=3, color="#4c72b0", ecolor="#333333")
     for bar, row in zip(bars, rows):
         axis.annotate(f"{metric.scale(score_of(row)):.1f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                       ha="center", va="bottom", fontsize=8)
@@ -82,8 +121,11 @@ def _plots(results: dict[str, Any], folder: Path) -> list[Path]:
     points = results.get("data_efficiency") or []
     if points:
         figure, axis = plt.subplots(figsize=(6, 4))
-        axis.plot([p["samples"] for p in points], [metric.scale(p["score"]) for p in points], "o-",
-                  label=points[0]["method"])
+        means = [metric.scale(p["score"]) for p in points]
+        bounds = [interval(p) or (p["score"], p["score"]) for p in points]
+        axis.errorbar([p["samples"] for p in points], means, capsize=3, fmt="o-", label=points[0]["method"],
+                      yerr=[[m - metric.scale(b[0]) for m, b in zip(means, bounds)],
+                            [metric.scale(b[1]) - m for m, b in zip(means, bounds)]])
         for row in rows:
             settings = row.get("settings", {})
             if "shots" in settings and not row.get("trainable_params") or row["method"] == "zero-shot":

@@ -60,8 +60,11 @@ class RunConfig:
         validation_samples: validation questions scored after each epoch to pick the best epoch (0: none).
         test_samples: test questions for the reported numbers (null: the whole test split).
         data_efficiency: extra runs of the trainable method as [{samples: N, epochs: E}, ...] for the plot.
-        seed: the run's seed: it picks the data (train / validation / test subsets, held-out splits) and seeds
-            initialisation, training order and random demonstrations (see `hificl.seeding`).
+        seed: the run's seed: it picks the data (train / validation / test subsets, held-out splits) and, unless
+            `seeds` is given, seeds initialisation, training order and random demonstrations (`hificl.seeding`).
+        seeds: the replicates of every method with randomness of its own (trained methods, random
+            demonstrations): one run per seed on the same data, reported as mean, spread and 95% confidence
+            intervals (null: one replicate, seeded by `seed`).
         output_dir: where checkpoints, adapters, predictions and reports go.
         progress: show progress bars.
     """
@@ -78,6 +81,7 @@ class RunConfig:
     test_samples: int | None = None
     data_efficiency: list[dict[str, int]] = field(default_factory=list)
     seed: int = DEFAULT_SEED
+    seeds: list[int] | None = None
     output_dir: str = "runs/hificl"
     progress: bool = True
 
@@ -109,6 +113,13 @@ class RunConfig:
             integer(getattr(self, name), f"Config field {name!r}", allow_none=True)
         integer(self.validation_samples, "Config field 'validation_samples'", minimum=0)
         integer(self.seed, "Config field 'seed'", minimum=None)
+        if self.seeds is not None:
+            if not isinstance(self.seeds, list) or not self.seeds:
+                raise ValueError(f"Config field 'seeds' must be a non-empty list of ints or null, got {self.seeds!r}.")
+            for value in self.seeds:
+                integer(value, "Config field 'seeds' entries", minimum=None)
+            if len(set(self.seeds)) != len(self.seeds):
+                raise ValueError(f"Config field 'seeds' repeats a seed: {self.seeds!r}.")
         for index, point in enumerate(self.data_efficiency):
             if not isinstance(point, dict) or set(point) != {"samples", "epochs"} or not all(
                     isinstance(v, int) and v > 0 for v in point.values()):
@@ -143,10 +154,12 @@ def _read_one(name: str, relative_to: Path | None) -> tuple[dict[str, Any], Path
     found = next((c for c in candidates if c.is_file()), None)
     if found is not None:
         where, folder = str(found), found.parent
+        raw = found.read_bytes()
         try:
-            text = found.read_text(encoding="utf-8")
+            text = raw.decode("utf-8")
         except UnicodeDecodeError as error:
-            raise ValueError(f"Config {where} is not UTF-8 text (byte {error.start}): save it as UTF-8.") from None
+            line = raw[:error.start].count(b"\n") + 1
+            raise ValueError(f"Config {where} line {line} is not UTF-8 text: save the file as UTF-8.") from None
     elif name in packaged_configs(bases=True):
         where, folder = f"{name} (packaged)", None
         text = (resources.files("hificl") / "configs" / f"{name}.yaml").read_text(encoding="utf-8")
@@ -179,7 +192,8 @@ def read_yaml(path: str | None, relative_to: Path | None = None, _seen: tuple[st
 
 
 def apply_override(data: dict[str, Any], assignment: str) -> None:
-    """Apply ``dotted.key=value`` (list items by index, e.g. ``methods.1.shots=4``); the value is a YAML scalar."""
+    """Apply ``dotted.key=value`` (list items by index, e.g. ``methods.1.shots=4``); the value is a YAML scalar.
+    ``task.name=OTHER`` starts a fresh task section: the options of the config's own task do not carry over."""
     if "=" not in assignment:
         raise ValueError(f"Override {assignment!r} must look like key=value (e.g. train.epochs=2).")
     path, raw = assignment.split("=", 1)
@@ -199,6 +213,8 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
         elif not isinstance(node, dict):
             raise ValueError(f"Override {assignment!r}: {'.'.join(keys[:depth])} is not a mapping or list.")
         if last:
+            if keys == ["task", "name"] and isinstance(node.get("name"), str) and node["name"] != value:
+                node.clear()  # another task: the previous task's options are not this one's
             node[key] = value
         else:
             if isinstance(node, dict) and key not in node:

@@ -1,13 +1,23 @@
 """A trainer that knows nothing of methods or tasks: it trains whatever parameters of a module require gradients,
 on the batches and with the loss of an objective (``objective.batch(items)``, ``objective.loss(model, batch)``).
 
-AdamW, cosine schedule with linear warmup, gradient clipping, gradient accumulation, a seeded data order, a
-validation callback that picks the best epoch by a named metric, and an atomic checkpoint after every epoch.
-Training resumes exactly from the last complete checkpoint: the trainable weights, optimiser, schedule, RNG
-state and data order are all restored, so an interrupted run ends with the same weights as an uninterrupted one.
-The process-global random generators are forked for the run (dropout draws from them), so training leaves the
-caller's random state untouched. Devices, mixed precision and trackers (TensorBoard, Weights & Biases, ...) go
-through accelerate.
+AdamW, cosine schedule with linear warm-up, gradient clipping, gradient accumulation, a seeded data order, a
+validation callback that picks the best epoch by a named metric, an atomic checkpoint after every epoch and, with
+``checkpoint_every``, every N optimiser steps in between.
+
+Several processes (``accelerate launch`` / ``torchrun``: DDP, or FSDP / DeepSpeed as accelerate is configured).
+An optimiser step is ``grad_accum`` micro-batches of ``batch_size`` examples, the same ones in the same order
+whatever the number of processes: the micro-batches of a step are dealt out to the processes (so ``grad_accum``
+must be a multiple of their number), each weights its micro-batch losses by their share of the step's examples,
+and the gradients are summed across processes. A process with no micro-batch left in an epoch's last step runs a
+copy of one with weight 0, so every process takes part in every gradient exchange. The main process alone
+writes checkpoints and logs.
+
+Resuming continues from the most advanced complete checkpoint with exactly the remaining batches of its epoch,
+on any number of processes: the trainable weights, optimiser, schedule and position are restored, and the random
+state of every step is derived from (seed, step, process), so it needs no saving. A checkpoint records the run's
+fingerprint (method, task, backbone, data, settings); resuming under another one is refused with what changed.
+A non-finite loss stops training before anything is saved from that step on.
 """
 
 from __future__ import annotations
@@ -25,17 +35,27 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import LoggerType, send_to_device
+from accelerate.utils import LoggerType, gather_object, send_to_device
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .core.validate import choice, integer, known_fields, number
-from .io import atomic_folder, atomic_write_json
+from .core.validate import boolean, choice, integer, known_fields, number
+from .io import atomic_folder, atomic_write_json, remove_folder
 
 logger = logging.getLogger(__name__)
-CHECKPOINT_PREFIX = "epoch-"
+EPOCH_PREFIX = "epoch-"
+STEP_PREFIX = "step-"
+STATE_FILE = "trainer_state.json"
 TRACKERS = tuple(t.value for t in LoggerType)
+
+
+class NonFiniteLossError(ValueError):
+    """The training loss became NaN or infinite."""
+
+
+class ResumeMismatchError(ValueError):
+    """A checkpoint in the output folder was written by a run with other settings."""
 
 
 class Objective(Protocol):
@@ -50,7 +70,8 @@ class TrainConfig:
 
     Attributes:
         epochs: passes over the training examples.
-        batch_size: examples per micro-batch; grad_accum: micro-batches per optimiser step.
+        batch_size: examples per micro-batch (per process); grad_accum: micro-batches per optimiser step, over all
+            processes together (a multiple of their number). The effective batch is ``batch_size * grad_accum``.
         lr, weight_decay: AdamW's; warmup_ratio: share of the steps with a linear warm-up, then cosine decay to 0.
         max_grad_norm: gradient clipping (0 disables it).
         mixed_precision: "no", "bf16" or "fp16" (accelerate's autocast; trainable weights stay float32).
@@ -58,6 +79,10 @@ class TrainConfig:
             direction (higher or lower is better) comes from the metric registry.
         log_with: accelerate trackers that also receive the training metrics ("tensorboard", "wandb", ...; their
             files go under the run's output folder).
+        checkpoint_every: also write a checkpoint every N optimiser steps (null: after every epoch only), so a
+            killed run loses at most N steps.
+        gradient_checkpointing: recompute the frozen backbone's activations in the backward pass instead of
+            keeping them (bounded memory for long, many-image prompts; about one more forward per step).
     """
 
     epochs: int = 3
@@ -70,6 +95,8 @@ class TrainConfig:
     mixed_precision: str = "no"
     select_metric: str | None = None
     log_with: list[str] = field(default_factory=list)
+    checkpoint_every: int | None = None
+    gradient_checkpointing: bool = False
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "grad_accum"):
@@ -87,6 +114,8 @@ class TrainConfig:
             raise ValueError(f"train.log_with must be a list of tracker names, got {self.log_with!r}.")
         for tracker in self.log_with:
             choice(tracker, "train.log_with entries", TRACKERS)
+        integer(self.checkpoint_every, "train.checkpoint_every", allow_none=True)
+        boolean(self.gradient_checkpointing, "train.gradient_checkpointing")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
@@ -94,8 +123,9 @@ class TrainConfig:
         return cls(**data)
 
     def optimisation(self) -> dict[str, Any]:
-        """The settings that change what training computes (not how it is logged or which epoch is chosen)."""
-        return {k: v for k, v in asdict(self).items() if k not in ("select_metric", "log_with")}
+        """The settings that change what training computes (not how it is logged, checkpointed or selected)."""
+        skip = ("select_metric", "log_with", "checkpoint_every", "gradient_checkpointing")
+        return {k: v for k, v in asdict(self).items() if k not in skip}
 
 
 @dataclass(frozen=True)
@@ -116,7 +146,8 @@ class Selection:
 
 @dataclass
 class TrainResult:
-    """What a training run did: per-epoch history, the selected epoch and the cost."""
+    """What a training run did: per-epoch history, the selected epoch and the cost. `seconds_per_step` excludes
+    the run's first step (a warm-up: kernel selection, first-call caches)."""
 
     history: list[dict[str, Any]] = field(default_factory=list)
     best_epoch: int | None = None
@@ -124,20 +155,24 @@ class TrainResult:
     steps: int = 0
     seconds: float = 0.0
     seconds_per_step: float = 0.0
+    timed_steps: int = 0
+    timed_seconds: float = 0.0
     peak_memory_mb: float = 0.0
+    processes: int = 1
+    examples_per_process: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def _accelerator(mixed_precision: str, log_with: list[str], project_dir: Path) -> Accelerator:
+def accelerator_for(mixed_precision: str, log_with: Sequence[str] = (), project_dir: Path | None = None) -> Accelerator:
     """An Accelerator with this precision. accelerate keeps one process-wide state; a single-process run that
     asks for another precision than an earlier trainer (e.g. a comparison in one Python session) resets it."""
     state = AcceleratorState._shared_state
     if state and state.get("_mixed_precision") not in (None, mixed_precision) and AcceleratorState().num_processes == 1:
         AcceleratorState._reset_state(reset_partial_state=True)
     return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available(),
-                       log_with=list(log_with) or None, project_dir=str(project_dir))
+                       log_with=list(log_with) or None, project_dir=str(project_dir) if project_dir else None)
 
 
 def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
@@ -147,6 +182,12 @@ def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def step_seed(seed: int, step: int, process: int) -> int:
+    """The random seed of optimiser step `step` on process `process` (dropout draws), so a resumed run draws what
+    an uninterrupted one would, without saving random states."""
+    return (seed * 1_000_003 + step * 7_919 + process * 104_729) % (2**63)
 
 
 def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -189,37 +230,69 @@ def _peak_memory_mb(device: torch.device) -> float:
         return 0.0
 
 
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """A parameter's whole value on the CPU (sharded FSDP2 parameters are DTensors)."""
+    tensor = tensor.detach()
+    if hasattr(tensor, "full_tensor"):
+        tensor = tensor.full_tensor()
+    return tensor.cpu().contiguous()
+
+
+@dataclass
+class _Position:
+    """Where training stands: the next epoch and optimiser step within it, and that epoch's partial record."""
+
+    epoch: int = 1
+    step_in_epoch: int = 0
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+
 class Trainer:
     """Train the parameters of `model` that require gradients.
 
     Args:
         model: the module (its frozen parameters are left alone).
-        objective: builds batches from training items (``objective.batch``) and the loss (``objective.loss``).
+        objective: builds batches from training items (``objective.batch``) and the loss (``objective.loss``);
+            an objective with ``set_epoch(epoch)`` is told each epoch before its batches are built.
         examples: the training items.
         config: a `TrainConfig`.
-        output_dir: where the per-epoch checkpoints go (``epoch-<n>/``).
+        output_dir: where the checkpoints go (``epoch-<n>/``, and the latest ``step-<n>/``).
         seed: the order of the examples in each epoch, and the random state during training (dropout).
         validate: optional ``validate() -> dict of metrics``, called after every epoch.
         selection: which validation metric picks the best epoch (needed with `validate`).
-        save_artifact: optional ``save_artifact(folder)`` writing the method's own files into each checkpoint
-            (e.g. the adapter), so any epoch can be evaluated later.
+        save_artifact: optional ``save_artifact(folder)`` writing the method's own files into each epoch's
+            checkpoint (e.g. the adapter), so any epoch can be evaluated later.
         param_groups: optional ``[{"params": [parameter names], "lr": ..., "weight_decay": ...}]`` for parameters
             with their own settings; the other trainable parameters use the config's.
+        fingerprint: what defines the run beyond the training settings (method, task, backbone, data); a
+            checkpoint written under another fingerprint is never resumed.
     """
 
     def __init__(self, model: nn.Module, objective: Objective, examples: Sequence[Any], config: TrainConfig,
                  output_dir: str | os.PathLike, seed: int, validate: Callable[[], dict] | None = None,
                  selection: Selection | None = None, save_artifact: Callable[[Path], None] | None = None,
-                 param_groups: list[dict[str, Any]] | None = None, progress: bool = True):
+                 param_groups: list[dict[str, Any]] | None = None, progress: bool = True,
+                 fingerprint: dict[str, Any] | None = None):
         if not examples:
             raise ValueError("No training examples.")
         if validate is not None and selection is None:
             raise ValueError("A validation callback needs a `selection` saying which metric picks the epoch.")
-        self.model, self.objective, self.examples = model, objective, list(examples)
+        self.objective, self.examples = objective, list(examples)
         self.config, self.output_dir, self.seed = config, Path(output_dir), seed
         self.validate, self.selection = validate, selection
         self.save_artifact, self.progress = save_artifact, progress
-        self.accelerator = _accelerator(config.mixed_precision, config.log_with, self.output_dir)
+        self.fingerprint = json.loads(json.dumps(fingerprint or {}, default=str))
+        self.accelerator = accelerator_for(config.mixed_precision, config.log_with, self.output_dir)
+        self.processes = self.accelerator.num_processes
+        if config.grad_accum % self.processes:
+            raise ValueError(
+                f"train.grad_accum ({config.grad_accum}) must be a multiple of the number of processes "
+                f"({self.processes}): each optimiser step deals its micro-batches out to the processes. Keep the "
+                f"effective batch (batch_size x grad_accum = {config.batch_size * config.grad_accum}) with e.g. "
+                f"train.grad_accum={self.processes * math.ceil(config.grad_accum / self.processes)} and a batch_size "
+                "to match.")
+        self.unwrapped = model
         self.params = _trainable(model)
         self.optimizer = torch.optim.AdamW(self._groups(param_groups), lr=config.lr, weight_decay=config.weight_decay)
         self.batches_per_epoch = math.ceil(len(self.examples) / config.batch_size)
@@ -228,7 +301,7 @@ class Trainer:
         self.warmup_steps = int(config.warmup_ratio * self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: cosine_with_warmup(step, self.total_steps, self.warmup_steps))
-        self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        self.model, self.optimizer = self.accelerator.prepare(model, self.optimizer)
 
     def _groups(self, param_groups: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
         """Optimiser groups in a fixed order (checkpoints map optimiser state by parameter name)."""
@@ -246,60 +319,95 @@ class Trainer:
             n for n in self.params if n not in claimed]
         return groups
 
-    # ---------------------------------------------------------------------------------------- checkpoints
+    # ---------------------------------------------------------------------------------------- the data
     def _epoch_order(self, epoch: int) -> list[int]:
         generator = torch.Generator().manual_seed(self.seed * 1000 + epoch)
         return torch.randperm(len(self.examples), generator=generator).tolist()
 
-    def _state(self) -> dict[str, Any]:
-        """What a checkpoint must match to be resumed: the training settings and the seed."""
-        return {"config": self.config.optimisation(), "seed": self.seed}
+    def _epoch_steps(self, epoch: int) -> list[list[list[int]]]:
+        """The epoch's optimiser steps, each a list of micro-batches (lists of example indices)."""
+        order, size, accum = self._epoch_order(epoch), self.config.batch_size, self.config.grad_accum
+        micro = [order[i:i + size] for i in range(0, len(order), size)]
+        return [micro[i:i + accum] for i in range(0, len(micro), accum)]
 
-    def _save_checkpoint(self, epoch: int, result: TrainResult) -> None:
-        """Write ``epoch-<n>/`` through a temporary folder renamed into place: a crash leaves no half checkpoint."""
-        with atomic_folder(self.output_dir / f"{CHECKPOINT_PREFIX}{epoch}") as tmp:
-            weights = {name: p.detach().cpu().contiguous() for name, p in self.params.items()}
-            save_file(weights, str(tmp / "trainable.safetensors"))
-            state = self.optimizer.state_dict()
-            names = self._ordered_names
-            optimizer_tensors, optimizer_scalars = {}, {}
-            for index, slots in state["state"].items():
-                for key, value in slots.items():
-                    if torch.is_tensor(value):
-                        optimizer_tensors[f"{names[index]}::{key}"] = value.detach().cpu().contiguous()
-                    else:
-                        optimizer_scalars[f"{names[index]}::{key}"] = value
-            save_file(optimizer_tensors, str(tmp / "optimizer.safetensors"))
-            save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
-            (tmp / "trainer_state.json").write_text(json.dumps({
-                "epoch": epoch, **self._state(), "result": result.to_dict(),
-                "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in state["param_groups"]],
-                "optimizer_scalars": optimizer_scalars, "scheduler": self.scheduler.state_dict(),
-            }, indent=2))
-            if self.save_artifact is not None:
-                self.save_artifact(tmp / "artifact")
+    def _my_slots(self, step: list[list[int]]) -> list[tuple[list[int], int]]:
+        """This process's share of a step: (micro-batch, examples that count) pairs; missing slots repeat the
+        step's first micro-batch with no example counting."""
+        rank, slots = self.accelerator.process_index, self.config.grad_accum // self.processes
+        mine = [step[j] for j in range(rank, len(step), self.processes)]
+        return [(chunk, len(chunk)) for chunk in mine] + [(step[0], 0)] * (slots - len(mine))
+
+    # ---------------------------------------------------------------------------------------- checkpoints
+    def _state(self) -> dict[str, Any]:
+        """What a checkpoint must match to be resumed: the run's fingerprint, the training settings and seed."""
+        return {**self.fingerprint, "config": self.config.optimisation(), "seed": self.seed,
+                "examples": len(self.examples)}
+
+    def _save_checkpoint(self, name: str, position: _Position, result: TrainResult, artifact: bool) -> None:
+        """Write ``<name>/`` (main process only) through a temporary folder renamed into place."""
+        weights = {n: _full(p) for n, p in self.params.items()}
+        if not all(torch.isfinite(t).all() for t in weights.values()):
+            raise NonFiniteLossError(f"The trainable weights hold NaN or inf after step {result.steps}; nothing "
+                                     "is saved from here on. Lower train.lr or train.max_grad_norm.")
+        if self.accelerator.is_main_process:
+            with atomic_folder(self.output_dir / name) as tmp:
+                save_file(weights, str(tmp / "trainable.safetensors"))
+                state = self.optimizer.state_dict()
+                names = self._ordered_names
+                optimizer_tensors, optimizer_scalars = {}, {}
+                for index, slots in state["state"].items():
+                    for key, value in slots.items():
+                        if torch.is_tensor(value):
+                            optimizer_tensors[f"{names[index]}::{key}"] = _full(value)
+                        else:
+                            optimizer_scalars[f"{names[index]}::{key}"] = value
+                save_file(optimizer_tensors, str(tmp / "optimizer.safetensors"))
+                (tmp / STATE_FILE).write_text(json.dumps({
+                    **self._state(), "position": asdict(position), "result": result.to_dict(),
+                    "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in state["param_groups"]],
+                    "optimizer_scalars": optimizer_scalars, "scheduler": self.scheduler.state_dict(),
+                }, indent=2))
+                if artifact and self.save_artifact is not None:
+                    self.save_artifact(tmp / "artifact")
+        self.accelerator.wait_for_everyone()
+
+    def checkpoints(self) -> list[tuple[int, Path]]:
+        """The complete checkpoints in the output folder, as (optimiser steps done, folder), oldest first."""
+        found = []
+        for path in self.output_dir.glob("*-*"):
+            prefix = next((p for p in (EPOCH_PREFIX, STEP_PREFIX) if path.name.startswith(p)), None)
+            if prefix and path.name[len(prefix):].isdigit() and (path / STATE_FILE).is_file():
+                state = json.loads((path / STATE_FILE).read_text())
+                found.append((state["result"]["steps"], prefix == EPOCH_PREFIX, path))
+        return [(steps, path) for steps, _, path in sorted(found)]
 
     def latest_checkpoint(self) -> Path | None:
-        epochs = []
-        for path in self.output_dir.glob(f"{CHECKPOINT_PREFIX}*"):
-            suffix = path.name[len(CHECKPOINT_PREFIX):]
-            if suffix.isdigit() and (path / "trainer_state.json").is_file():
-                epochs.append((int(suffix), path))
-        return max(epochs)[1] if epochs else None
+        found = self.checkpoints()
+        return found[-1][1] if found else None
 
-    def _load_checkpoint(self, path: Path) -> TrainResult:
-        state = json.loads((path / "trainer_state.json").read_text())
-        saved, current = {**state.get("config", {}), "seed": state.get("seed")}, {**self.config.optimisation(), "seed": self.seed}
-        if saved != current:
-            changed = sorted(k for k in current if saved.get(k) != current[k])
-            raise ValueError(f"Cannot resume from {path}: the training settings changed ({changed}). Use the same "
-                             "settings, or another output folder to start over.")
+    def _check_resumable(self, path: Path, state: dict[str, Any]) -> None:
+        current = json.loads(json.dumps(self._state()))
+        saved = _leaves({k: state.get(k) for k in current})
+        current = _leaves(current)
+        changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+        if not changed:
+            return
+        details = "; ".join(f"{c}: {saved.get(c)!r} -> {current.get(c)!r}" for c in changed[:6])
+        raise ResumeMismatchError(
+            f"Cannot resume from {path}: the run's settings changed since it was written ({details}). Use another "
+            "output folder (--output-dir), or --restart to discard the checkpoints in this one and train from "
+            "scratch.")
+
+    def _load_checkpoint(self, path: Path) -> tuple[_Position, TrainResult]:
+        state = json.loads((path / STATE_FILE).read_text())
+        self._check_resumable(path, state)
         weights = load_file(str(path / "trainable.safetensors"))
         if set(weights) != set(self.params):
-            raise ValueError(f"Cannot resume from {path}: it holds other trainable parameters than this model.")
+            raise ResumeMismatchError(f"Cannot resume from {path}: it holds other trainable parameters than this "
+                                      "model. Use another output folder, or --restart.")
         with torch.no_grad():
             for name, param in self.params.items():
-                param.copy_(weights[name])
+                param.copy_(weights[name].to(param.dtype))
         tensors = load_file(str(path / "optimizer.safetensors"))
         names = self._ordered_names
         optimizer_state: dict[int, dict[str, Any]] = {}
@@ -307,93 +415,170 @@ class Trainer:
             name, slot = key.split("::")
             optimizer_state.setdefault(names.index(name), {})[slot] = value
         current_groups = self.optimizer.state_dict()["param_groups"]
-        if len(current_groups) != len(state["param_groups"]):
-            raise ValueError(f"Cannot resume from {path}: it has other optimiser groups than this method.")
         groups = [dict(saved, params=now["params"]) for saved, now in zip(state["param_groups"], current_groups)]
         self.optimizer.load_state_dict({"state": optimizer_state, "param_groups": groups})
         self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(load_file(str(path / "rng.safetensors"))["torch"])
-        return TrainResult(**state["result"])
+        return _Position(**state["position"]), TrainResult(**state["result"])
+
+    def discard_checkpoints(self) -> None:
+        """Remove this output folder's checkpoints (for ``--restart``); each goes away in one rename."""
+        if self.accelerator.is_main_process:
+            for _, path in self.checkpoints():
+                remove_folder(path)
+        self.accelerator.wait_for_everyone()
 
     # ------------------------------------------------------------------------------------------- training
     def train(self, resume: bool = True) -> TrainResult:
-        """Run (or finish) training; with `resume`, continue from the last complete epoch checkpoint."""
+        """Run (or finish) training; with `resume`, continue from the most advanced complete checkpoint."""
         device = self.accelerator.device
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(self.seed)
             return self._train(resume, device)
 
     def _train(self, resume: bool, device: torch.device) -> TrainResult:
-        result, start_epoch = TrainResult(), 1
+        position, result = _Position(), TrainResult(processes=self.processes)
         checkpoint = self.latest_checkpoint() if resume else None
         if checkpoint is not None:
-            result = self._load_checkpoint(checkpoint)
-            start_epoch = result.last_epoch + 1
-            logger.info("resuming after epoch %d from %s", result.last_epoch, checkpoint)
+            position, result = self._load_checkpoint(checkpoint)
+            result.processes = self.processes
+            logger.info("resuming at epoch %d, step %d of %d, from %s", position.epoch, position.step_in_epoch,
+                        self.steps_per_epoch, checkpoint)
+        main = self.accelerator.is_main_process
         if self.config.log_with:
             self.accelerator.init_trackers("hificl", config=self.config.optimisation())
+        if self.config.gradient_checkpointing:
+            self.unwrapped.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         _reset_peak_memory(device)
         bar = tqdm(total=self.total_steps, initial=result.steps, desc="train", unit="step",
-                   disable=not self.progress, dynamic_ncols=True)
+                   disable=not (self.progress and main), dynamic_ncols=True)
         self.model.train()
-        for epoch in range(start_epoch, self.config.epochs + 1):
-            started, losses = time.perf_counter(), []
-            order = self._epoch_order(epoch)
-            for first in range(0, self.batches_per_epoch, self.config.grad_accum):
-                micro = range(first, min(first + self.config.grad_accum, self.batches_per_epoch))
-                chunks = [order[b * self.config.batch_size:(b + 1) * self.config.batch_size] for b in micro]
-                total = sum(len(chunk) for chunk in chunks)
-                step_loss = 0.0
-                for chunk in chunks:
-                    batch = send_to_device(self.objective.batch([self.examples[i] for i in chunk]), device)
-                    with self.accelerator.autocast():
-                        loss = self.objective.loss(self.model, batch)
-                    # weight micro-batches by size so an accumulated step averages over its examples
-                    self.accelerator.backward(loss * len(chunk) / total)
-                    step_loss += loss.item() * len(chunk) / total
-                if self.config.max_grad_norm > 0:
-                    self.accelerator.clip_grad_norm_(list(self.params.values()), self.config.max_grad_norm)
-                self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                result.steps += 1
-                losses.append(step_loss)
-                bar.update(1)
-                bar.set_postfix(epoch=epoch, loss=f"{step_loss:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
-                if self.config.log_with:
-                    self.accelerator.log({"train/loss": step_loss, "train/lr": self.scheduler.get_last_lr()[0]},
-                                         step=result.steps)
-            record: dict[str, Any] = {"epoch": epoch, "train_loss": sum(losses) / len(losses),
-                                      "seconds": time.perf_counter() - started}
-            result.seconds += record["seconds"]
-            if self.validate is not None:
-                self.model.eval()
-                record.update({f"val_{k}": v for k, v in self.validate().items()})
-                self.model.train()
-                if f"val_{self.selection.metric}" not in record:
-                    raise ValueError(f"Validation reported no {self.selection.metric!r} (it reported "
-                                     f"{sorted(k[4:] for k in record if k.startswith('val_'))}), so no epoch can be "
-                                     "chosen by it; set train.select_metric to one of those.")
-            result.history.append(record)
-            if self.validate is not None:
-                result.best_epoch = self.selection.best(result.history)
-            result.last_epoch = epoch
-            result.seconds_per_step = result.seconds / max(1, result.steps)
-            result.peak_memory_mb = max(result.peak_memory_mb, _peak_memory_mb(device))
-            logger.info(_epoch_line(record))
-            if self.config.log_with:
-                self.accelerator.log({k.replace("val_", "val/"): v for k, v in record.items()
-                                      if k.startswith("val_") and isinstance(v, (int, float))}, step=result.steps)
-            self._save_checkpoint(epoch, result)
-        bar.close()
+        self._warm, self._examples_seen = False, 0
+        try:
+            for epoch in range(position.epoch, self.config.epochs + 1):
+                if position.epoch != epoch:
+                    position = _Position(epoch)
+                self._run_epoch(position, result, device, bar)
+        finally:
+            bar.close()
+            if self.config.gradient_checkpointing:
+                self.unwrapped.gradient_checkpointing_disable()
+            self.model.eval()
         if self.config.log_with:
             self.accelerator.end_training()
-        self.model.eval()
-        atomic_write_json(self.output_dir / "train_result.json", result.to_dict())
+        seen = [self._examples_seen]
+        if self.processes > 1:
+            seen = gather_object(seen)
+        result.examples_per_process = seen  # the examples this run's processes trained on (after any resume)
+        if main:
+            atomic_write_json(self.output_dir / "train_result.json", result.to_dict())
         return result
 
+    def _run_epoch(self, position: _Position, result: TrainResult, device: torch.device, bar) -> None:
+        epoch = position.epoch
+        if hasattr(self.objective, "set_epoch"):
+            self.objective.set_epoch(epoch)
+        steps = self._epoch_steps(epoch)
+        for index in range(position.step_in_epoch, len(steps)):
+            started = time.perf_counter()
+            step_loss = self._step(steps[index], result.steps, device)
+            if not math.isfinite(step_loss):
+                raise NonFiniteLossError(
+                    f"The training loss is {step_loss} at step {result.steps + 1} (epoch {epoch}): training stopped "
+                    f"and nothing was saved from this step on. Lower train.lr (now {self.config.lr:g}) or check the "
+                    "data; the last good checkpoint, if any, is in " f"{self.output_dir}.")
+            seconds = time.perf_counter() - started
+            result.steps += 1
+            if self._warm:  # the first step this process runs is a warm-up (kernel selection, caches): not timed
+                result.timed_steps += 1
+                result.timed_seconds += seconds
+                result.seconds_per_step = result.timed_seconds / result.timed_steps
+            self._warm = True
+            result.seconds += seconds
+            position.seconds += seconds
+            position.losses.append(step_loss)
+            position.step_in_epoch = index + 1
+            bar.update(1)
+            bar.set_postfix(epoch=epoch, loss=f"{step_loss:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
+            logger.debug("step %d of %d done, loss %.4f", result.steps, self.total_steps, step_loss)
+            if self.config.log_with:
+                self.accelerator.log({"train/loss": step_loss, "train/lr": self.scheduler.get_last_lr()[0]},
+                                     step=result.steps)
+            every = self.config.checkpoint_every
+            if every and result.steps % every == 0 and position.step_in_epoch < len(steps):
+                self._save_step_checkpoint(position, result)
+        record: dict[str, Any] = {"epoch": epoch, "train_loss": sum(position.losses) / len(position.losses),
+                                  "seconds": position.seconds}
+        if self.validate is not None:
+            self.model.eval()
+            record.update({f"val_{k}": v for k, v in self.validate().items()})
+            self.model.train()
+            if f"val_{self.selection.metric}" not in record:
+                raise ValueError(f"Validation reported no {self.selection.metric!r} (it reported "
+                                 f"{sorted(k[4:] for k in record if k.startswith('val_'))}), so no epoch can be "
+                                 "chosen by it; set train.select_metric to one of those.")
+        result.history.append(record)
+        if self.validate is not None:
+            result.best_epoch = self.selection.best(result.history)
+        result.last_epoch = epoch
+        result.peak_memory_mb = max(result.peak_memory_mb, _peak_memory_mb(device))
+        logger.info(_epoch_line(record))
+        if self.config.log_with:
+            self.accelerator.log({k.replace("val_", "val/"): v for k, v in record.items()
+                                  if k.startswith("val_") and isinstance(v, (int, float))}, step=result.steps)
+        self._save_checkpoint(f"{EPOCH_PREFIX}{epoch}", _Position(epoch + 1), result, artifact=True)
+        self._remove_step_checkpoints()
+
+    def _save_step_checkpoint(self, position: _Position, result: TrainResult) -> None:
+        """The latest mid-epoch checkpoint; the one before it is removed once this one is in place."""
+        name = f"{STEP_PREFIX}{result.steps}"
+        self._save_checkpoint(name, position, result, artifact=False)
+        self._remove_step_checkpoints(but=name)
+
+    def _remove_step_checkpoints(self, but: str | None = None) -> None:
+        """Remove the mid-epoch checkpoints (main process) but `but`: a newer checkpoint supersedes them."""
+        if self.accelerator.is_main_process:
+            for _, path in self.checkpoints():
+                if path.name.startswith(STEP_PREFIX) and path.name != but:
+                    remove_folder(path)
+
+    def _step(self, step: list[list[int]], done: int, device: torch.device) -> float:
+        """One optimiser step; returns its loss (the step's examples' weighted mean, over all processes)."""
+        torch.manual_seed(step_seed(self.seed, done, self.accelerator.process_index))
+        slots, total = self._my_slots(step), sum(len(chunk) for chunk in step)
+        local = 0.0
+        for index, (chunk, counted) in enumerate(slots):
+            batch = send_to_device(self.objective.batch([self.examples[i] for i in chunk]), device)
+            last = index == len(slots) - 1
+            with (contextlib.nullcontext() if last else self.accelerator.no_sync(self.model)):
+                with self.accelerator.autocast():
+                    loss = self.objective.loss(self.model, batch)
+                # weight micro-batches by size so a step averages over its examples; DDP averages gradients
+                # over processes, so scaling by their number makes the exchange a sum
+                self.accelerator.backward(loss * (counted * self.processes) / total)
+            local += loss.item() * counted / total
+            self._examples_seen += counted
+        if self.processes > 1:
+            local = float(self.accelerator.reduce(torch.tensor(local, dtype=torch.float64, device=device), "sum"))
+        step_loss = local
+        if math.isfinite(step_loss):
+            if self.config.max_grad_norm > 0:
+                self.accelerator.clip_grad_norm_(list(self.params.values()), self.config.max_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return step_loss
+
     def checkpoint(self, epoch: int) -> Path:
-        return self.output_dir / f"{CHECKPOINT_PREFIX}{epoch}"
+        return self.output_dir / f"{EPOCH_PREFIX}{epoch}"
+
+
+def _leaves(data: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as {dotted key: leaf value}."""
+    if not isinstance(data, dict):
+        return {prefix: data}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        out.update(_leaves(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
 
 
 def _epoch_line(record: dict[str, Any]) -> str:

@@ -68,6 +68,12 @@ class Method:
         return self.name
 
     @property
+    def random(self) -> bool:
+        """Whether the method has randomness of its own (initialisation, data order, drawn demonstrations), so
+        that a run repeats it once per seed."""
+        return self.trainable
+
+    @property
     def id(self) -> str:
         """A stable identifier: the name and a short hash of the options (names result folders)."""
         options = json.dumps(self.options, sort_keys=True, default=str)

@@ -46,6 +46,10 @@ class InContext(Method):
     def label(self) -> str:
         return f"{self.shots}-shot ICL" + (" (retrieved)" if self.selection == "retrieval" else "")
 
+    @property
+    def random(self) -> bool:
+        return self.selection == "random" and self.shots > 0
+
     def prompter(self, backbone, task, seeds) -> KShot:
         return KShot(task, backbone, self.shots, self.selection, self.pool_size, self.features,
                      data_seed=seeds.data, demos_seed=seeds.demos)

@@ -1,9 +1,11 @@
 """LIVE (NeurIPS 2024): a learnable vector per decoder layer added, norm-preserving, to each layer's MLP output.
 
 ``h' = (h + a_l v_l) * ||h|| / ||h + a_l v_l||`` at every position, with ``v_l ~ N(0, 0.01^2)`` (hidden size)
-and ``a_l = 0.1``. Loss ``0.5 CE(answer) + 1.0 KL(teacher || student)`` on the next-token distributions at the
-answer positions; the teacher is the frozen model with k demonstrations in context. Learning rates: 5e-3 for
-the vectors, 1e-2 for the scales. Not a no-op at init (the random vectors rotate h slightly); the shift of a
+and ``a_l = 0.1``. Loss ``0.5 CE(answer) + 1.0 KL(teacher || student)`` on the next-token distributions; the
+teacher is the frozen model with k demonstrations in context. The KL is taken where each answer token is
+predicted (`kl_positions: predicting`, ours: the first answer token's prediction is distilled too) or, as in
+LIVE's original code, at the answer tokens' own positions (`answer`). Learning rates: 5e-3 for the vectors, 1e-2
+for the scales. Not a no-op at init (the random vectors rotate h slightly); the shift of a
 token's MLP output is bounded by ``||a v|| ~ 0.1 * 0.01 * sqrt(hidden)`` relative to its norm.
 """
 
@@ -16,7 +18,7 @@ import torch
 from torch import nn
 
 from ..adapters import ModelShape, ShiftModel, register_adapter
-from ..core.validate import integer, number
+from ..core.validate import boolean, choice, integer, number
 from ..objectives import Teacher, TeacherKL
 from ..routing import find_language_model
 from .base import Method, Parts
@@ -86,8 +88,11 @@ class Live(Method):
     trainable = True
 
     def __init__(self, shots: int = 8, ce_weight: float = 0.5, kl_weight: float = 1.0, vector_lr: float = 5e-3,
-                 scale_lr: float = 1e-2, **options: Any):
+                 scale_lr: float = 1e-2, kl_positions: str = "predicting", resample_demos: bool = False,
+                 **options: Any):
         super().__init__(**options)
+        self.kl_positions = choice(kl_positions, "live: kl_positions", ("predicting", "answer"))
+        self.resample_demos = boolean(resample_demos, "live: resample_demos")
         self.shots = integer(shots, "live: shots (the teacher's demonstrations)")
         self.ce_weight, self.kl_weight = float(number(ce_weight, "live: ce_weight")), float(number(kl_weight, "live: kl_weight"))
         self.vector_lr = float(number(vector_lr, "live: vector_lr", positive=True))
@@ -96,7 +101,8 @@ class Live(Method):
     @property
     def options(self) -> dict[str, Any]:
         return {"shots": self.shots, "ce_weight": self.ce_weight, "kl_weight": self.kl_weight,
-                "vector_lr": self.vector_lr, "scale_lr": self.scale_lr}
+                "vector_lr": self.vector_lr, "scale_lr": self.scale_lr, "kl_positions": self.kl_positions,
+                "resample_demos": self.resample_demos}
 
     @property
     def label(self) -> str:
@@ -109,7 +115,7 @@ class Live(Method):
     def build(self, backbone, task, seeds) -> Parts:
         adapter = LiveModel(backbone.model, LiveConfig(init_seed=seeds.init))
         prompter = self.prompter(backbone, task, seeds)
-        teacher = Teacher.with_shots(backbone, task, self.shots, seeds)
-        objective = TeacherKL(backbone, task, prompter, teacher, self.ce_weight, self.kl_weight)
+        teacher = Teacher.with_shots(backbone, task, self.shots, seeds, resample=self.resample_demos)
+        objective = TeacherKL(backbone, task, prompter, teacher, self.ce_weight, self.kl_weight, self.kl_positions)
         groups = [{"params": ["shifts.vectors"], "lr": self.vector_lr}, {"params": ["shifts.scales"], "lr": self.scale_lr}]
         return Parts(prompter, adapter, adapter, objective, groups)

@@ -1,10 +1,14 @@
 """MimIC (CVPR 2025): a learnable shift per attention head with a query-dependent magnitude.
 
 For each layer and query head: a shift ``v_h ~ N(0, 0.001^2)`` and a magnitude ``mu = Z1_hat / (Z1_hat + Z2)``
-with ``log Z1_hat = w_h . q + b_h`` (``w_h, b_h`` start at 0) and ``Z2 = sum_j exp(q.k_j / sqrt(d))`` over the keys
-the query may see (causal and padding masks applied; ``q`` is the post-RoPE query). Head output:
-``SA(q, K, V) + mu * v_h``. Loss: layer-wise MSE between the student's MLP outputs (query alone, with shifts)
-and the k-shot teacher's at the query+answer positions, plus 0.5 CE on the answer.
+with ``log Z1_hat = w_h . q + b_h`` (``w_h ~ N(0, 0.02^2)``, ``b_h = 0``, as in the original code) and
+``Z2 = sum_j exp(q.k_j / sqrt(d))`` over the keys the query may see (causal and padding masks applied; ``q`` is the
+post-RoPE query). Head output: ``SA(q, K, V) + mu * v_h``. Loss: layer-wise MSE between the student's MLP outputs
+(query alone, with shifts) and the k-shot teacher's at the aligned query+answer positions -- never a sequence-
+initial token, as in the original -- plus 0.5 CE on the answer. As in the original: the teacher's demonstrations
+are drawn anew every epoch (`resample_demos`), and biases get no weight decay. Deviations, each stated in the
+README: Z2 is masked like the attention it normalises (the original's runs over all keys), and the CE covers the
+answer tokens only (the MimIC repository's covers the whole sequence; the HiFICL authors' forks, answer only).
 
 Exact and fused: ``mu`` and ``SA`` come out of ONE SDPA call over an extra always-visible key
 (`hificl.core.attend_with_prefix`). With the query augmented by a constant-1 channel, the key
@@ -28,7 +32,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ..adapters import ModelShape, ShiftModel, register_adapter, settings_from_saved
 from ..core import attend_with_prefix
-from ..core.validate import integer, number
+from ..core.validate import boolean, integer, number
 from ..objectives import Teacher, TeacherMLPAlignment
 from ..routing import route_attention
 from .base import Method, Parts
@@ -82,7 +86,7 @@ class MimicConfig:
     """MimIC's adapter settings: the initialisation of the shifts (std), the magnitude weights (std) and bias."""
 
     shift_std: float = 1e-3
-    weight_std: float = 0.0
+    weight_std: float = 0.02
     init_seed: int = 0
 
 
@@ -137,15 +141,18 @@ class MimIC(Method):
     name = "mimic"
     trainable = True
 
-    def __init__(self, shots: int = 8, ce_weight: float = 0.5, align_weight: float = 1.0, **options: Any):
+    def __init__(self, shots: int = 8, ce_weight: float = 0.5, align_weight: float = 1.0,
+                 resample_demos: bool = True, **options: Any):
         super().__init__(**options)
         self.shots = integer(shots, "mimic: shots (the teacher's demonstrations)")
         self.ce_weight = float(number(ce_weight, "mimic: ce_weight"))
         self.align_weight = float(number(align_weight, "mimic: align_weight"))
+        self.resample_demos = boolean(resample_demos, "mimic: resample_demos")
 
     @property
     def options(self) -> dict[str, Any]:
-        return {"shots": self.shots, "ce_weight": self.ce_weight, "align_weight": self.align_weight}
+        return {"shots": self.shots, "ce_weight": self.ce_weight, "align_weight": self.align_weight,
+                "resample_demos": self.resample_demos}
 
     @property
     def label(self) -> str:
@@ -158,7 +165,7 @@ class MimIC(Method):
     def build(self, backbone, task, seeds) -> Parts:
         adapter = MimicModel(backbone.model, MimicConfig(init_seed=seeds.init))
         prompter = self.prompter(backbone, task, seeds)
-        teacher = Teacher.with_shots(backbone, task, self.shots, seeds)
+        teacher = Teacher.with_shots(backbone, task, self.shots, seeds, resample=self.resample_demos)
         objective = TeacherMLPAlignment(backbone, task, prompter, teacher, adapter.routing.mlps(),
                                         align_weight=self.align_weight, ce_weight=self.ce_weight)
-        return Parts(prompter, adapter, adapter, objective)
+        return Parts(prompter, adapter, adapter, objective, [{"params": ["shifts.bias"], "weight_decay": 0.0}])

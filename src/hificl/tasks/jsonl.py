@@ -25,11 +25,16 @@ def read_jsonl(path: str | Path) -> list[Example]:
     if not path.is_file():
         raise FileNotFoundError(f"Task file not found: {path}")
     examples, seen = [], set()
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, 1):
+            where = f"{path} line {number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise ValueError(f"{where}: not UTF-8 text (byte {error.start + 1} of the line); save the file as "
+                                 "UTF-8.") from None
             if not line.strip():
                 continue
-            where = f"{path} line {number}"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
@@ -45,6 +50,8 @@ def read_jsonl(path: str | Path) -> list[Example]:
             answers = record.get("answers", [record["answer"]] if "answer" in record else None)
             if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
                 raise ValueError(f"{where}: needs 'answer' (a string) or 'answers' (a non-empty list of strings).")
+            if not all(a.strip() for a in answers):
+                raise ValueError(f"{where}: an answer is empty; give every answer some text (or drop the line).")
             image = None
             if record.get("image") is not None:
                 if not isinstance(record["image"], str):
@@ -59,8 +66,8 @@ def read_jsonl(path: str | Path) -> list[Example]:
                 raise ValueError(f"{where}: duplicate id {example_id!r}.")
             seen.add(example_id)
             target = record.get("target", "")
-            if not isinstance(target, str):
-                raise ValueError(f"{where}: 'target' must be a string.")
+            if not isinstance(target, str) or ("target" in record and not target.strip()):
+                raise ValueError(f"{where}: 'target' must be a non-empty string.")
             examples.append(Example(example_id, question.strip(), tuple(answers), image, target))
     if not examples:
         raise ValueError(f"{path}: no examples.")

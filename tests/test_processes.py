@@ -1,0 +1,130 @@
+"""Several processes (gloo on the CPU), launched as a user types it: `torchrun --nproc_per_node 2 -m hificl.cli
+...` and `accelerate launch`. Two processes train exactly the adapter one process trains on the same global
+batches, each doing half the work; sharded evaluation returns the single process's predictions in order, the
+padding of the last shard uncounted; a run killed mid-epoch resumes with exactly the remaining batches."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.skipif(0 < torch.cuda.device_count() < 2, reason="two processes need two GPUs here")
+PYTHON = sys.executable
+
+
+@pytest.fixture(scope="module")
+def config_file(tmp_path_factory, tiny_vlm):
+    from fixtures import write_colour_task
+
+    root = tmp_path_factory.mktemp("processes")
+    task = write_colour_task(root / "task", n_train=24, n_test=7)  # 20 train after 4 validation; 7 test: 4 + 3
+    path = root / "config.yaml"
+    path.write_text(f"""backbone: {tiny_vlm}
+progress: false
+task: {{name: jsonl, train: {task['train']}, test: {task['test']}, validation_size: 4}}
+methods: [{{name: icl, shots: 2}}, {{name: hificl, value_b_std: 0.3}}]
+train: {{epochs: 2, batch_size: 2, grad_accum: 2, lr: 0.05}}
+eval: {{batch_size: 3, max_new_tokens: 3}}
+validation_samples: 4
+""")
+    return str(path)
+
+
+def _run(args, **kwargs):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300, **kwargs)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def _free_port() -> str:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return str(probe.getsockname()[1])
+
+
+def _torchrun(*args):
+    return [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", _free_port()] + list(args)
+
+
+def test_two_processes_train_the_adapter_one_process_trains(config_file, tmp_path):
+    common = ["-m", "hificl.cli", "train", "--config", config_file, "--set", "methods=[{name: hificl, value_b_std: 0.3}]"]
+    _run([PYTHON, *common, "--output-dir", str(tmp_path / "one")])
+    _run(_torchrun(*common, "--output-dir", str(tmp_path / "two")))
+    one, two = (load_file(str(tmp_path / run / "adapter" / "adapter_model.safetensors")) for run in ("one", "two"))
+    assert one.keys() == two.keys()
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-6, atol=1e-7)
+    results = {run: json.loads((tmp_path / run / "train" / "train_result.json").read_text()) for run in ("one", "two")}
+    assert results["two"]["processes"] == 2 and results["two"]["steps"] == results["one"]["steps"] == 10
+    assert results["one"]["examples_per_process"] == [40] and results["two"]["examples_per_process"] == [20, 20]
+    assert [h["train_loss"] for h in results["two"]["history"]] == pytest.approx(
+        [h["train_loss"] for h in results["one"]["history"]], rel=1e-6)
+    assert not list((tmp_path / "two").rglob(".*tmp-*")), "no temporary folder left behind"
+
+
+def test_sharded_evaluation_returns_the_single_process_predictions(config_file, tmp_path):
+    _run([PYTHON, "-m", "hificl.cli", "train", "--config", config_file, "--output-dir", str(tmp_path / "train"),
+          "--set", "methods=[{name: hificl, value_b_std: 0.3}]"])
+    common = ["hificl.cli", "eval", "--config", config_file, "--adapter", str(tmp_path / "train" / "adapter")]
+    _run([PYTHON, "-m", *common, "--output-dir", str(tmp_path / "one")])
+    _run(_torchrun("-m", *common, "--output-dir", str(tmp_path / "two")))
+    for method in ("icl", "hificl"):
+        predictions = {}
+        for run in ("one", "two"):
+            files = sorted((tmp_path / run).glob(f"{method}-*/**/predictions.jsonl"))
+            predictions[run] = [json.loads(line) for line in files[0].read_text().splitlines()]
+        assert len(predictions["two"]) == 7, "the padding of the last shard is not counted"
+        assert [(p["id"], p["raw"], p["score"]) for p in predictions["two"]] == \
+            [(p["id"], p["raw"], p["score"]) for p in predictions["one"]]
+    rows = {run: json.loads((tmp_path / run / "results.json").read_text()) for run in ("one", "two")}
+    assert rows["two"]["environment"]["processes"] == 2
+    for one, two in zip(rows["one"]["rows"], rows["two"]["rows"]):
+        assert two[two["metric"]] == one[one["metric"]] and two["num_queries"] == one["num_queries"] == 7
+        assert two["prompt_tokens_per_query"] == one["prompt_tokens_per_query"]
+
+
+def test_accelerate_launch_runs_a_comparison_on_two_processes(config_file, tmp_path):
+    _run([PYTHON, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--main_process_port",
+          _free_port(), "-m", "hificl.cli", "compare", "--config", config_file, "--output-dir", str(tmp_path / "run"),
+          "--set", "train.epochs=1"])
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["environment"]["processes"] == 2
+    hificl = next(row for row in results["replicates"] if row["method"] == "HiFICL")
+    assert hificl["processes"] == 2 and hificl["num_queries"] == 7
+
+
+def test_a_killed_run_resumes_with_exactly_the_remaining_batches(config_file, tmp_path):
+    """SIGKILL after the 5th of 10 steps (a step checkpoint every 2): the resumed run repeats at most 2 steps and
+    ends with exactly the adapter of an uninterrupted run."""
+    common = [PYTHON, "-m", "hificl.cli", "train", "--config", config_file, "--log-level", "debug",
+              "--set", "methods=[{name: hificl, value_b_std: 0.3}]", "--set", "train.checkpoint_every=2"]
+    _run(common + ["--output-dir", str(tmp_path / "straight")])
+    killed = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(common + ["--output-dir", str(killed)], stderr=subprocess.PIPE, text=True, env=env)
+    done = 0
+    for line in process.stderr:
+        if "done, loss" in line:
+            done = int(line.split("step ")[1].split(" ")[0])
+            if done == 5:
+                process.send_signal(signal.SIGKILL)
+                break
+    process.wait(timeout=60)
+    assert done == 5 and process.returncode == -signal.SIGKILL
+    resumed = _run(common + ["--output-dir", str(killed)])
+    first = next(line for line in resumed.stderr.splitlines() if "done, loss" in line)
+    restart_step = int(first.split("step ")[1].split(" ")[0]) - 1
+    assert "resuming" in resumed.stderr and 5 - 2 <= restart_step <= 5, resumed.stderr[-2000:]
+    straight = load_file(str(tmp_path / "straight" / "adapter" / "adapter_model.safetensors"))
+    again = load_file(str(killed / "adapter" / "adapter_model.safetensors"))
+    assert all(torch.equal(straight[key], again[key]) for key in straight)
+    result = json.loads((killed / "train" / "train_result.json").read_text())
+    assert result["steps"] == 10 and not list((killed / "train").glob("step-*")), "mid-epoch checkpoints removed"

@@ -1,0 +1,212 @@
+"""A run never reports what it did not compute: resuming under changed settings is refused with what changed,
+result folders never collide, a non-finite loss stops training and saves no adapter, one output folder holds one
+run at a time, `eval` reports the adapter it loads, the README's own-data command runs as printed, and bad input
+gets an error that names the file, the field and the fix."""
+
+import json
+import os
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import torch
+
+from fixtures import write_colour_task
+from hificl import AdapterMismatchError
+from hificl import pipeline
+from hificl.adapters import WEIGHTS_NAME, load_adapter_model
+from hificl.backbones import load_backbone
+from hificl.cli import main as cli_main
+from hificl.io import _HOST, LOCK_NAME, folder_lock
+from hificl.run_config import RunConfig, load_run_config
+from hificl.tasks import read_jsonl
+from hificl.trainer import Trainer
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _train_args(tiny_vlm, colour_task, out, *extra):
+    return ["train", "--backbone", tiny_vlm, "--no-progress", "--output-dir", str(out),
+            "--set", f"task={{name: jsonl, train: {colour_task['train']}, test: {colour_task['test']}}}",
+            "--set", "methods=[{name: hificl, rank: 4}]", "--set", "train.epochs=1", "--set", "train.batch_size=8",
+            "--set", "train.grad_accum=1", "--set", "validation_samples=0", "--set", "eval.max_new_tokens=2",
+            *extra]
+
+
+@pytest.mark.parametrize("change, named", [
+    ("methods.0.key_b_std=0.5", "method.key_b_std"), ("methods.0.init_seed=7", "method.init_seed"),
+    ("methods.0.normalizer=unmasked", "method.normalizer"), ("seed=11", "seed"),
+    ("train_samples=12", "train_data.count"), ("methods.0.rank=8", "method.rank"),
+    ("methods.0.num_virtual_tokens=4", "method.num_virtual_tokens"), ("train.lr=0.01", "config.lr"),
+])
+def test_a_changed_rerun_is_refused_and_names_the_change(tiny_vlm, colour_task, tmp_path, capsys, change, named):
+    out = tmp_path / "run"
+    assert cli_main(_train_args(tiny_vlm, colour_task, out)) == 0
+    before = (out / "adapter" / WEIGHTS_NAME).read_bytes()
+    capsys.readouterr()
+    assert cli_main(_train_args(tiny_vlm, colour_task, out, "--set", change)) == 2
+    error = capsys.readouterr().err
+    assert "settings changed" in error and named in error and "--restart" in error, error
+    assert (out / "adapter" / WEIGHTS_NAME).read_bytes() == before, "the old adapter is left as it was"
+    assert cli_main(_train_args(tiny_vlm, colour_task, out, "--set", change, "--restart")) == 0
+    summary = json.loads((out / "train_summary.json").read_text())
+    default = load_run_config(None).train_samples
+    assert summary["train"]["steps"] > 0 and summary["config"]["train_samples"] == (12 if "samples" in change else default)
+
+
+def test_a_changed_train_file_is_refused(tiny_vlm, colour_task, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli_main(_train_args(tiny_vlm, colour_task, out)) == 0
+    other = write_colour_task(tmp_path / "other", n_train=24)
+    lines = Path(other["train"]).read_text().splitlines()
+    Path(other["train"]).write_text("\n".join(lines[1:] + lines[:1]) + "\n")  # the same lines, another order
+    capsys.readouterr()
+    args = _train_args(tiny_vlm, colour_task, out)
+    args[args.index(f"task={{name: jsonl, train: {colour_task['train']}, test: {colour_task['test']}}}")] = \
+        f"task={{name: jsonl, train: {other['train']}, test: {colour_task['test']}}}"
+    assert cli_main(args) == 2
+    error = capsys.readouterr().err
+    assert "task.train" in error and "train_data.digest" in error
+
+
+def test_a_run_killed_after_an_epoch_is_not_resumed_under_another_normalizer(tiny_vlm, colour_task, tmp_path,
+                                                                          monkeypatch, capsys):
+    out = tmp_path / "run"
+    original = Trainer._save_checkpoint
+
+    def crash_after_epoch_1(self, name, position, result, artifact):
+        original(self, name, position, result, artifact)
+        if name == "epoch-1":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "_save_checkpoint", crash_after_epoch_1)
+    assert cli_main(_train_args(tiny_vlm, colour_task, out, "--set", "train.epochs=2")) == 130
+    assert "resume" in capsys.readouterr().err
+    monkeypatch.setattr(Trainer, "_save_checkpoint", original)
+    assert cli_main(_train_args(tiny_vlm, colour_task, out, "--set", "train.epochs=2",
+                                "--set", "methods.0.normalizer=unmasked")) == 2
+    assert "method.normalizer: 'exact' -> 'unmasked'" in capsys.readouterr().err
+    assert not (out / "adapter").exists(), "no adapter is reported as the result"
+
+
+def test_compare_gives_each_method_its_own_folder_and_refuses_duplicates(tiny_vlm, colour_task, tmp_path):
+    base = {"backbone": tiny_vlm, "output_dir": str(tmp_path / "run"), "progress": False, "validation_samples": 0,
+            "task": {"name": "jsonl", "train": colour_task["train"], "test": colour_task["test"]},
+            "train": {"epochs": 1, "batch_size": 8, "grad_accum": 1}, "eval": {"max_new_tokens": 2}}
+    config = RunConfig.from_dict({**base, "methods": [
+        {"name": "hificl", "rank": 8, "value_b_std": 0.3}, {"name": "hificl", "rank": 4, "value_b_std": 0.3},
+        {"name": "hificl", "rank": 4, "value_b_std": 0.3, "init_seed": 5}]})
+    results = pipeline.compare(config)
+    ids = [row["id"] for row in results["rows"]]
+    assert len(set(ids)) == 3 and all((tmp_path / "run" / i).is_dir() for i in ids)
+    ranks = [row["settings"]["rank"] for row in results["rows"]]
+    assert ranks == [8, 4, 4] and results["rows"][1]["trainable_params"] < results["rows"][0]["trainable_params"]
+    predictions = [json.loads((tmp_path / "run" / i / "seed-3407" / "test-epoch-1" / "metrics.json").read_text())
+                   for i in ids]
+    assert all(p["num_queries"] == 8 for p in predictions)
+    with pytest.raises(ValueError, match=r"methods\[0\] and methods\[1\] are the same method"):
+        pipeline.compare(RunConfig.from_dict({**base, "methods": [{"name": "hificl", "rank": 8},
+                                                                  {"name": "hificl", "rank": 8}]}))
+
+
+def test_a_non_finite_loss_stops_training_and_saves_no_adapter(tiny_vlm, colour_task, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli_main(_train_args(tiny_vlm, colour_task, out, "--set", "train.lr=1.0e+30",
+                                "--set", "train.max_grad_norm=0")) == 2
+    error = capsys.readouterr().err
+    assert re.search(r"loss is (nan|inf)", error) and "train.lr" in error, error
+    assert not (out / "adapter").exists() and not list(out.glob("train/epoch-*"))
+
+
+def test_one_output_folder_holds_one_run(tiny_vlm, colour_task, tmp_path, capsys):
+    out = tmp_path / "run"
+    with folder_lock(out):
+        assert cli_main(_train_args(tiny_vlm, colour_task, out)) == 2
+        assert f"Another hificl run (pid {os.getpid()}" in capsys.readouterr().err
+    assert not (out / LOCK_NAME).exists(), "the lock goes with the run that held it"
+    (out / LOCK_NAME).write_text(json.dumps({"host": _HOST, "pid": 2**22 + 12345, "started": "long ago"}))
+    stale = out / f".epoch-1.tmp-{_HOST}-{2**22 + 12345}-abc"  # a save interrupted by a kill
+    stale.mkdir()
+    assert cli_main(_train_args(tiny_vlm, colour_task, out)) == 0, "a dead run's lock is taken over"
+    assert not stale.exists() and not (out / LOCK_NAME).exists()
+
+
+def test_eval_reports_the_adapter_it_loads(tiny_vlm, colour_task, tmp_path, capsys):
+    out = tmp_path / "train"
+    assert cli_main(_train_args(tiny_vlm, colour_task, out, "--set", "methods.0.normalizer=unmasked")) == 0
+    args = _train_args(tiny_vlm, colour_task, tmp_path / "eval")
+    args[0] = "eval"
+    args[args.index("methods=[{name: hificl, rank: 4}]")] = "methods=[{name: zero-shot}, {name: hificl}]"
+    assert cli_main([*args, "--adapter", str(out / "adapter")]) == 0
+    row = json.loads((tmp_path / "eval" / "results.json").read_text())["rows"][1]
+    assert row["method"] == "HiFICL (unmasked normalizer)" and row["settings"]["rank"] == 4
+    layers, heads, dim = 2, 4, 16
+    assert row["adapter_params"] == layers * heads * 2 * (8 * 4 + 4 * dim) and row["trainable_params"] == 0
+
+
+def _readme_own_data_command() -> list[str]:
+    text = README.read_text()
+    block = text[text.index("**Your own data**"):]
+    command = re.search(r"```bash\n(hificl compare --set task.name=jsonl.*?)```", block, re.S).group(1)
+    return shlex.split(command.replace("\\\n", " "))
+
+
+def test_the_readmes_own_data_command_runs_as_printed(tiny_vlm, tmp_path, monkeypatch):
+    args = _readme_own_data_command()
+    assert args[:2] == ["hificl", "compare"] and "path/to/your/model" in args
+    monkeypatch.chdir(tmp_path)
+    paths = write_colour_task(tmp_path / "data", n_train=120, n_test=6)
+    assert paths["train"] == str(tmp_path / "data" / "train.jsonl")
+    args = [tiny_vlm if arg == "path/to/your/model" else arg for arg in args[1:]]
+    args += ["--no-progress", "--set", "eval.max_new_tokens=2", "--set", "train.epochs=1",
+             "--set", "data_efficiency=[]", "--set", "methods=[{name: zero-shot}, {name: icl, shots: 1}, {name: hificl}]"]
+    assert cli_main(args) == 0
+    results = json.loads((tmp_path / "runs" / "compare" / "results.json").read_text())
+    assert results["task"] == "data" and results["num_test"] == 6 and results["num_validation"] == 60
+    assert results["config"]["task"] == {"name": "jsonl", "train": "data/train.jsonl", "test": "data/test.jsonl",
+                                         "validation_size": 100}
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "pickled"])
+def test_a_damaged_adapter_file_is_named(tiny_vlm, colour_task, tmp_path, capsys, damage):
+    out = tmp_path / "run"
+    assert cli_main(_train_args(tiny_vlm, colour_task, out)) == 0
+    weights = out / "adapter" / WEIGHTS_NAME
+    if damage == "garbage":
+        weights.write_bytes(b"not a safetensors file at all")
+    elif damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:200])
+    else:
+        torch.save({"k": torch.zeros(2)}, weights)
+    with pytest.raises(AdapterMismatchError, match=re.escape(str(weights)) + ".*Re-save or re-train"):
+        load_adapter_model(load_backbone(tiny_vlm).model, out / "adapter")
+
+
+def test_bad_files_and_folders_get_errors_that_name_them(tiny_vlm, colour_task, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"question": "q?", "answer": "a"}\n{"question": "caf\xe9?", "answer": "b"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl line 2: not UTF-8 text"):
+        read_jsonl(bad)
+    bad.write_text('{"question": "q?", "answer": "  "}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl line 1: an answer is empty"):
+        read_jsonl(bad)
+    config = tmp_path / "config.yaml"
+    config.write_bytes(b"seed: 1\n# caf\xe9\n")
+    with pytest.raises(ValueError, match=r"config.yaml line 2 is not UTF-8"):
+        load_run_config(str(config))
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    assert cli_main(_train_args(tiny_vlm, colour_task, a_file)) == 2
+    assert "is a file" in capsys.readouterr().err
+    assert cli_main(_train_args(tiny_vlm, colour_task, a_file / "below")) == 2
+    assert "Cannot create the output folder" in capsys.readouterr().err
+
+
+def test_ctrl_c_says_how_to_resume(tiny_vlm, colour_task, tmp_path, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "train", interrupted)
+    assert cli_main(_train_args(tiny_vlm, colour_task, tmp_path / "run")) == 130
+    assert "Run the same command again to resume" in capsys.readouterr().err
