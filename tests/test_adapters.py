@@ -136,3 +136,40 @@ def test_a_mixed_batch_equals_its_rows_run_alone(setting, name):
             expected = _logits(adapter, alone)
         torch.testing.assert_close(mixed[row, :n], expected[0], rtol=1e-5, atol=1e-5)
     adapter.unload()
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_gradient_checkpointing_gives_the_same_gradients(setting, name):
+    """With the frozen backbone's activations recomputed in the backward pass (train.gradient_checkpointing), every
+    adapter method gets the gradients it gets without (dropout masks included: checkpointing replays the RNG)."""
+    from hificl.routing import find_language_model
+
+    backbone, task, _ = setting
+    backbone = copy.copy(backbone)
+    backbone.model = copy.deepcopy(backbone.model)
+    mlp = find_language_model(backbone.model).mlps()[0]  # inside the checkpointed layer forward
+    parts = get_method(name, **METHODS[name]).build(backbone, task, Seeds(0, 0))
+    with torch.no_grad():
+        for tensor in parts.adapter.adapter_state("default").values():
+            tensor.add_(torch.randn_like(tensor) * 0.3)
+    batch = parts.objective.batch(task.splits["train"][:3])
+    calls = []
+    handle = mlp.register_forward_pre_hook(lambda *args: calls.append(torch.is_grad_enabled()))  # recompute stops early
+    grads = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            parts.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        parts.model.train()
+        parts.model.zero_grad(set_to_none=True)
+        calls.clear()
+        torch.manual_seed(0)
+        parts.objective.loss(parts.model, batch).backward()
+        grads.append({n: p.grad.clone() for n, p in parts.model.named_parameters() if p.requires_grad})
+        student_calls = len(calls) - (1 if name in ("live", "mimic") else 0)  # the teacher's forward runs once
+        assert student_calls == (2 if checkpointing else 1), "checkpointing recomputes the layer in backward"
+    handle.remove()
+    parts.model.gradient_checkpointing_disable()
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for key in grads[0]:
+        torch.testing.assert_close(grads[1][key], grads[0][key], rtol=1e-5, atol=1e-7)
+    parts.close()
