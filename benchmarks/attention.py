@@ -3,10 +3,13 @@
 Measured on one attention call of a decoder-like head layout (default: SmolLM2's 9 query heads, 3 KV heads,
 head dim 64), causal, unpadded, 8 virtual pairs of rank 8 with gradients:
 
-* base      -- transformers' SDPA integration alone (what the frozen model runs);
-* exact     -- hificl's registered attention, normalizer "exact" (the fast path);
-* authors   -- the authors' materialised formulation (normalizer "unmasked": an extra full T x T score matrix
-               for the normaliser, kept for backward);
+* base        -- transformers' SDPA integration alone (what the frozen model runs: grouped heads read natively
+                 when there is no mask);
+* exact       -- hificl's registered attention, normalizer "exact" (the split-KV merge where a kernel applies);
+* concat      -- hificl's concatenation path ([K_v; K] with the keys expanded to the query heads and dummy
+                 queries; the fallback, and the fast path before the merge);
+* authors     -- the authors' materialised formulation (normalizer "unmasked": an extra full T x T score matrix
+                 for the normaliser, kept for backward);
 * concat+mask -- [K_v; K] concatenated with an explicit boolean mask (the obvious alternative).
 
 Times are medians of repeated, interleaved runs, reported as ratios to `base` measured in the same run. Memory is the
@@ -30,6 +33,7 @@ import torch.nn.functional as F
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
 from hificl.core import PROVIDER_ATTR, Formula, HiFICLConfig, VirtualKV, VirtualPairs, hificl_attention_forward
+from hificl.core.prefix import _concatenated
 
 
 def _concat_with_mask(module, query, key, value, virtual: VirtualPairs):
@@ -115,6 +119,9 @@ def run(args) -> list[dict]:
         variants = {
             "base": lambda q, k, v: sdpa_attention_forward(module, q, k, v, None)[0],
             "exact": with_formula(Formula.EXACT),
+            "concat": lambda q, k, v: _concatenated(module, q, k, v, None, *(x.to(q.dtype).expand(q.shape[0], -1, -1, -1)
+                                                                            for x in virtual(q.dtype)),
+                                                    0.0, q.shape[-1] ** -0.5, True),
             "authors": with_formula(Formula.UNMASKED),
             "concat+mask": lambda q, k, v: _concat_with_mask(module, q, k, v, VirtualPairs(*virtual(q.dtype))),
         }

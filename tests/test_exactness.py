@@ -61,3 +61,32 @@ def test_reference_attention_has_no_virtual_term_when_disabled():
             expected = reference_logits(model, inputs)
     for got, want in zip(real_rows(base, inputs), real_rows(expected, inputs)):
         assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("padding", [None, "left", "right"])
+@pytest.mark.parametrize("options", [{"normalizer": "exact"}, {"fixed_alpha": True}], ids=str)
+def test_adapter_gradients_equal_float64_reference(case, padding, options):
+    """The gradients of every adapter parameter through the fast path (the split-KV merge on this CPU) equal those
+    of a float64 copy run with the reference attention."""
+    import copy
+
+    model = attach(case, **options)
+    inputs = padded_inputs(case, batch_size=2, seq_len=16, padding=padding)
+    mask = inputs["attention_mask"].bool()
+    weights = torch.randn(model(**inputs).logits.shape, generator=torch.Generator().manual_seed(0))
+
+    def adapter_grads(m, run_inputs, reference=False):
+        m.zero_grad(set_to_none=True)
+        context = m.reference_attention() if reference else torch.enable_grad()
+        with context:
+            logits = m(**run_inputs).logits
+        (logits * weights.to(logits.dtype))[mask].sum().backward()
+        return {n: p.grad.detach().double() for n, p in m.named_parameters() if p.requires_grad}
+
+    fast = adapter_grads(model, inputs)
+    reference_model = copy.deepcopy(model).double()
+    expected = adapter_grads(reference_model, {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v
+                                               for k, v in inputs.items()}, reference=True)
+    assert fast.keys() == expected.keys() and fast
+    for name in fast:
+        assert rel_err(fast[name], expected[name]) < 1e-5, name

@@ -56,8 +56,8 @@ def expand_pairs(pairs: VirtualPairs, batch: int, dtype: torch.dtype) -> tuple[t
 
 def _exact(module, query, key, value, mask, pairs, dropout, scaling, is_causal) -> torch.Tensor:
     """Softmax attention over ``[K_v; K]``, ``[V_v; V]`` (the paper's equation); returns [b, q, h, d]."""
-    v_keys, v_values = expand_pairs(pairs, query.shape[0], query.dtype)
-    return attend_with_prefix(module, query, key, value, mask, v_keys, v_values, dropout, scaling, is_causal)
+    return attend_with_prefix(module, query, key, value, mask, pairs.keys.to(query.dtype), pairs.values.to(query.dtype),
+                              dropout, scaling, is_causal)
 
 
 def _fixed_alpha(module, query, key, value, mask, pairs, dropout, scaling, is_causal) -> torch.Tensor:

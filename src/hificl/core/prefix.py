@@ -1,15 +1,37 @@
-"""Softmax attention over always-visible prefix slots followed by a layer's real keys, through SDPA's fused kernel.
+"""Softmax attention over always-visible prefix slots followed by a layer's real keys: the building block of
+every attention that adds keys no query position may be masked from (HiFICL's virtual pairs, MimIC's magnitude
+key). Real keys keep the model's causal and padding masks; the prefix slots carry no position.
 
-The building block of every attention that adds keys no query position may be masked from: HiFICL's virtual
-pairs and MimIC's magnitude key. Real keys keep the model's causal and padding masks; the prefix slots carry no
-position and are visible from every query.
+The fast path never copies the real keys or values (the split-KV merge): the backend's fused kernel attends over
+the real keys alone, exactly as the frozen model does (grouped-query heads read natively), and returns its output
+``O_r`` and log-sum-exp ``L_r``; the ``n`` prefix slots are a few ``[.., q, n]`` matmuls giving ``O_p`` and
+``L_p``; and the two are merged exactly, ``O = a O_r + (1 - a) O_p`` with ``a = exp(L_r - L)``,
+``L = logaddexp(L_r, L_p)``. The fused ops return the log-sum-exp but treat it as not differentiable, so the
+backward is written out: the kernel's own backward, called with the FINAL output and log-sum-exp (the
+ring-attention identity: the probabilities it recomputes are then the globally normalised ones and its
+``D = rowsum(dO * O)`` the global one), gives exact gradients of the queries, keys and values; the prefix's
+gradients follow from the same normalised probabilities. Autograd keeps only what the backend keeps (queries,
+keys, values, the output and the log-sum-exp), plus the prefix.
+
+The kernels are private aten ops (CPU flash attention; on CUDA the flash and memory-efficient kernels), which can
+change between torch versions, so each is checked once per process, device, dtype and mask kind against the
+concatenation path on a small random case (forward and backward) before it is used. When no kernel applies or
+passes -- dropout, value dims that differ from the query's, a kernel that refuses the inputs -- the concatenation
+path runs: it prepends the prefix to the (expanded) real keys and keeps SDPA's fused kernel, with ``n`` dummy
+queries for unpadded causal batches (so SDPA's top-left ``is_causal`` does the masking, no ``T x T`` tensor) or
+``n`` always-visible mask columns otherwise. Decoding (one query per row) uses grouped-query math that reads the
+KV cache once.
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from transformers.integrations.sdpa_attention import repeat_kv
+
+logger = logging.getLogger(__name__)
 
 
 def with_visible_columns(mask: torch.Tensor, n: int, kv_length: int) -> torch.Tensor:
@@ -24,44 +46,241 @@ def is_causal_call(module: torch.nn.Module, is_causal: bool | None) -> bool:
     return is_causal if is_causal is not None else getattr(module, "is_causal", True)
 
 
+# ------------------------------------------------------------------------------------------------ kernels
+class Kernel:
+    """A fused attention kernel that returns its log-sum-exp, and its backward: ``forward(q, k, v, bias,
+    is_causal, scale) -> (out, lse, saved)``, ``backward(dout, q, k, v, out, lse, saved, bias, is_causal, scale)
+    -> (dq, dk, dv)``; ``q [b, h, q, d]``, ``k, v [b, kv_heads, k, d]``, ``bias`` additive or None, ``lse
+    [b, h, q]`` float32."""
+
+    name = "kernel"
+    gqa = True  # reads grouped key/value heads natively
+
+    def forward(self, q, k, v, bias, is_causal, scale):
+        raise NotImplementedError
+
+    def backward(self, dout, q, k, v, out, lse, saved, bias, is_causal, scale):
+        raise NotImplementedError
+
+
+class CpuFlash(Kernel):
+    name = "cpu-flash"
+
+    def forward(self, q, k, v, bias, is_causal, scale):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, is_causal, attn_mask=bias, scale=scale)
+        return out, lse, ()
+
+    def backward(self, dout, q, k, v, out, lse, saved, bias, is_causal, scale):
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout, q, k, v, out, lse, 0.0, is_causal, attn_mask=bias, scale=scale)
+
+
+class CudaFlash(Kernel):
+    """CUDA flash attention: no mask (unpadded causal batches)."""
+
+    name = "cuda-flash"
+
+    def forward(self, q, k, v, bias, is_causal, scale):
+        out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = torch.ops.aten._scaled_dot_product_flash_attention(
+            q, k, v, 0.0, is_causal, False, scale=scale)
+        return out, lse, (cum_q, cum_k, max_q, max_k, seed, offset)
+
+    def backward(self, dout, q, k, v, out, lse, saved, bias, is_causal, scale):
+        cum_q, cum_k, max_q, max_k, seed, offset = saved
+        return torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            dout, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, 0.0, is_causal, seed, offset, scale=scale)
+
+
+class CudaEfficient(Kernel):
+    """CUDA memory-efficient attention: an additive bias; keys and values expanded to the query heads (it reads
+    no grouped heads); its log-sum-exp is padded to a multiple of 32 queries."""
+
+    name = "cuda-efficient"
+    gqa = False
+
+    def forward(self, q, k, v, bias, is_causal, scale):
+        out, lse, seed, offset = torch.ops.aten._scaled_dot_product_efficient_attention(
+            q, k, v, bias, True, 0.0, is_causal, scale=scale)
+        return out, lse[..., : q.shape[2]], (seed, offset, lse.shape[-1])
+
+    def backward(self, dout, q, k, v, out, lse, saved, bias, is_causal, scale):
+        seed, offset, padded = saved
+        lse = F.pad(lse, (0, padded - lse.shape[-1]))
+        dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+            dout, q, k, v, bias, out, lse, seed, offset, 0.0, [True, True, True, False], is_causal, scale=scale)
+        return dq, dk, dv
+
+
+# ------------------------------------------------------------------------------------------------ the merge
+class _SplitPrefixAttention(torch.autograd.Function):
+    """The split-KV merge with its exact backward (see the module docstring). Prefix keys/values are ``[h, n, d]``
+    (shared by the batch) or ``[b, h, n, d]``."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, prefix_keys, prefix_values, bias, is_causal, scale, kernel):
+        out_r, lse_r, saved = kernel.forward(query, key, value, bias, is_causal, scale)
+        acc = lse_r.dtype  # the kernel's accumulation dtype (float32; float64 for float64 inputs)
+        scores = torch.matmul(query, prefix_keys.transpose(-1, -2)).to(acc) * scale  # [b, h, q, n]
+        lse = torch.logaddexp(lse_r, torch.logsumexp(scores, dim=-1))
+        probs = torch.exp(scores - lse.unsqueeze(-1))  # the prefix's share of the whole softmax
+        out = (out_r.to(acc) * torch.exp(lse_r - lse).unsqueeze(-1)
+               + torch.matmul(probs, prefix_values.to(acc))).to(query.dtype)
+        ctx.save_for_backward(query, key, value, prefix_keys, prefix_values, bias, out, lse)
+        ctx.rest = (saved, is_causal, scale, kernel)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        query, key, value, prefix_keys, prefix_values, bias, out, lse = ctx.saved_tensors
+        saved, is_causal, scale, kernel = ctx.rest
+        dout, acc = dout.contiguous(), lse.dtype
+        dq, dk, dv = kernel.backward(dout, query, key, value, out, lse, saved, bias, is_causal, scale)
+        scores = torch.matmul(query, prefix_keys.transpose(-1, -2)).to(acc) * scale
+        probs = torch.exp(scores - lse.unsqueeze(-1))
+        dout_acc = dout.to(acc)
+        total = (dout_acc * out.to(acc)).sum(-1, keepdim=True)  # D = rowsum(dO * O)
+        dscores = probs * (torch.matmul(dout_acc, prefix_values.to(acc).transpose(-1, -2)) - total)
+        dq = dq + (torch.matmul(dscores, prefix_keys.to(acc)) * scale).to(dq.dtype)
+        d_keys = torch.matmul(dscores.transpose(-1, -2), query.to(acc)) * scale
+        d_values = torch.matmul(probs.transpose(-1, -2), dout_acc)
+        if prefix_keys.dim() == 3:  # shared by the batch
+            d_keys, d_values = d_keys.sum(0), d_values.sum(0)
+        return (dq, dk, dv, d_keys.to(prefix_keys.dtype), d_values.to(prefix_values.dtype), None, None, None, None)
+
+
+def _bias(mask: torch.Tensor | None, kv_length: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """The model's mask as the additive bias the kernels take: 0 where visible, a large finite negative value
+    where not (a -inf row would give a fully masked query a log-sum-exp of 0 instead of -inf)."""
+    if mask is None:
+        return None
+    mask = mask[..., :kv_length]
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, -0.5 * torch.finfo(dtype).max)
+    return mask.to(dtype).clamp_min(-0.5 * torch.finfo(dtype).max)
+
+
+_CHECKED: dict[tuple, bool] = {}
+
+
+def _candidates(query: torch.Tensor, bias: torch.Tensor | None) -> list[Kernel]:
+    if query.device.type == "cpu":
+        return [CpuFlash()]
+    if query.device.type == "cuda":
+        return ([CudaFlash()] if bias is None else []) + [CudaEfficient()]
+    return []
+
+
+def _passes_check(kernel: Kernel, query: torch.Tensor, masked: bool, grouped: bool) -> bool:
+    """Whether `kernel` gives the concatenation path's output and gradients on a small random case like the
+    call's (device, dtype, mask or not, grouped heads or not); checked once per process and kind of call."""
+    key = (kernel.name, query.device.type, query.dtype, masked, grouped)
+    if key not in _CHECKED:
+        try:
+            _CHECKED[key] = _self_check(kernel, query.device, query.dtype, masked, grouped)
+        except Exception as error:  # a kernel that refuses the inputs, or an op that changed
+            logger.warning("hificl: the %s kernel failed its check on %s %s (%s); using the concatenation path",
+                           kernel.name, query.device.type, query.dtype, error)
+            _CHECKED[key] = False
+        if not _CHECKED[key]:
+            logger.warning("hificl: the %s kernel does not match the concatenation path on %s %s; using that path",
+                           kernel.name, query.device.type, query.dtype)
+    return _CHECKED[key]
+
+
+def _self_check(kernel: Kernel, device: torch.device, dtype: torch.dtype, masked: bool, grouped: bool) -> bool:
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    b, h, kv_heads, t, n, d = 2, 4, 2 if grouped else 4, 37, 3, 64
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=generator).to(device=device, dtype=dtype)
+
+    with torch.inference_mode(False), torch.enable_grad():
+        leaves = [rand(b, h, t, d), rand(b, kv_heads, t, d), rand(b, kv_heads, t, d), rand(h, n, d) * 0.5,
+                  rand(h, n, d)]
+        mask = None
+        if masked:
+            mask = torch.ones(b, 1, t, t, dtype=torch.bool, device=device).tril()
+            mask[1, :, :, :5] = False  # left padding: the first rows of the second sequence see no real key
+        grad = rand(b, h, t, d)
+        results = []
+        for fast in (True, False):
+            inputs = [x.detach().clone().requires_grad_(True) for x in leaves]
+            q, k, v, pk, pv = inputs
+            if fast:
+                out = _SplitPrefixAttention.apply(q, k, v, pk, pv, _bias(mask, t, dtype), mask is None, d ** -0.5,
+                                                  kernel)
+            else:
+                out = _concatenated(None, q, k, v, mask, pk.expand(b, -1, -1, -1), pv.expand(b, -1, -1, -1), 0.0,
+                                    d ** -0.5, True).transpose(1, 2)
+            out.backward(grad)
+            results.append([out.detach().float()] + [x.grad.float() for x in inputs])
+    tolerance = {torch.float64: 1e-10, torch.float32: 1e-4}.get(dtype, 5e-2)
+    return all(((a - e).abs().max() / e.abs().max().clamp_min(1e-6)) < tolerance for a, e in zip(*results))
+
+
+def _split_kernel(query, key, value, mask, prefix_values, dropout) -> tuple[Kernel, torch.Tensor | None] | None:
+    """A kernel for the split merge of this call, with the bias it takes; None: the concatenation path."""
+    if dropout or query.shape[-1] != value.shape[-1] or prefix_values.shape[-1] != value.shape[-1]:
+        return None
+    if query.dtype not in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
+        return None
+    bias = _bias(mask, key.shape[2], query.dtype)
+    grouped = key.shape[1] != query.shape[1]
+    for kernel in _candidates(query, bias):
+        if _passes_check(kernel, query, bias is not None, grouped):
+            return kernel, bias
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ entry point
 def attend_with_prefix(module, query, key, value, mask, prefix_keys, prefix_values, dropout=0.0, scaling=None,
                        is_causal=None) -> torch.Tensor:
-    """Softmax attention of `query` ``[b, h, q, d]`` over always-visible prefix slots ``[b, h, n, d]`` followed by
-    the real keys/values (``[b, kv_heads, k, d]``, any GQA grouping) under the model's causal and padding mask,
-    through SDPA's fused kernel. Value dims may differ from key dims. Returns ``[b, q, h, d_v]``.
-
-    With no explicit mask (the mask builder skips it for unpadded causal batches) ``n`` dummy queries are
-    prepended too, so SDPA's top-left-aligned ``is_causal`` lets real query ``i`` (at row ``n + i``) see every
-    prefix slot and the real keys ``0..i``, with no ``T x T`` tensor built; with an explicit mask (padding,
-    sliding windows) ``n`` always-visible columns are prepended to it. Decoding (one query per row) uses grouped
-    math that reads the KV cache once."""
-    batch, heads, q_len, _ = query.shape
+    """Softmax attention of `query` ``[b, h, q, d]`` over always-visible prefix slots (``[h, n, d]`` or
+    ``[b, h, n, d]``) followed by the real keys/values (``[b, kv_heads, k, d]``, any GQA grouping) under the
+    model's causal and padding mask. Value dims may differ from key dims. Returns ``[b, q, h, d_v]``."""
+    q_len = query.shape[2]
+    if prefix_keys.dim() == 3:
+        prefix_keys, prefix_values = prefix_keys.to(query.dtype), prefix_values.to(query.dtype)
     if q_len == 1 and dropout == 0.0:
-        return _decode_with_prefix(query, key, value, mask, prefix_keys, prefix_values, scaling)
-    groups = heads // key.shape[1]
+        return _decode_with_prefix(query, key, value, mask, _batched(prefix_keys, query), _batched(prefix_values, query),
+                                   scaling)
+    causal = mask is None and is_causal_call(module, is_causal) and q_len > 1
+    if causal:  # keys past q_len are empty static-cache slots (top-left alignment, as transformers' SDPA path)
+        key, value = key[:, :, :q_len], value[:, :, :q_len]
+    split = _split_kernel(query, key, value, mask, prefix_values, dropout)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if split is not None:
+        kernel, bias = split
+        if not kernel.gqa and key.shape[1] != query.shape[1]:
+            key, value = repeat_kv(key, query.shape[1] // key.shape[1]), repeat_kv(value, query.shape[1] // key.shape[1])
+        out = _SplitPrefixAttention.apply(query, key, value, prefix_keys, prefix_values, bias, causal, scale, kernel)
+        return out.transpose(1, 2).contiguous()
+    return _concatenated(module, query, key, value, mask, _batched(prefix_keys, query), _batched(prefix_values, query),
+                         dropout, scale, causal).contiguous()
+
+
+def _batched(prefix: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    return prefix.unsqueeze(0).expand(query.shape[0], -1, -1, -1) if prefix.dim() == 3 else prefix
+
+
+def _concatenated(module, query, key, value, mask, prefix_keys, prefix_values, dropout, scale, causal) -> torch.Tensor:
+    """The concatenation path: the prefix prepended to the real keys expanded to the query heads, one SDPA call.
+    Returns ``[b, q, h, d_v]``."""
+    groups = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     n = prefix_keys.shape[2]
+    keys, values = torch.cat([prefix_keys, key], 2), torch.cat([prefix_values, value], 2)
     if mask is not None:
-        mask = with_visible_columns(mask, n, key.shape[2])
-        out = F.scaled_dot_product_attention(
-            query, torch.cat([prefix_keys, key], 2), torch.cat([prefix_values, value], 2),
-            attn_mask=mask, dropout_p=dropout, scale=scaling,
-        )
-    elif is_causal_call(module, is_causal) and q_len > 1:
-        # No mask means the batch is unpadded and causal with top-left alignment (keys past q_len are empty
-        # static-cache slots, as in transformers' SDPA integration): dummy queries shift the causal diagonal.
-        key, value = key[:, :, :q_len], value[:, :, :q_len]
-        dummy = query.new_zeros(batch, heads, n, query.shape[-1])
-        out = F.scaled_dot_product_attention(
-            torch.cat([dummy, query], 2), torch.cat([prefix_keys, key], 2), torch.cat([prefix_values, value], 2),
-            dropout_p=dropout, scale=scaling, is_causal=True,
-        )[:, :, n:]
+        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=with_visible_columns(mask, n, key.shape[2]),
+                                             dropout_p=dropout, scale=scale)
+    elif causal:  # dummy queries shift the causal diagonal so that real query i sees the prefix and keys 0..i
+        dummy = query.new_zeros(query.shape[0], query.shape[1], n, query.shape[-1])
+        out = F.scaled_dot_product_attention(torch.cat([dummy, query], 2), keys, values, dropout_p=dropout, scale=scale,
+                                             is_causal=True)[:, :, n:]
     else:
-        out = F.scaled_dot_product_attention(
-            query, torch.cat([prefix_keys, key], 2), torch.cat([prefix_values, value], 2),
-            dropout_p=dropout, scale=scaling,
-        )
-    return out.transpose(1, 2).contiguous()
+        out = F.scaled_dot_product_attention(query, keys, values, dropout_p=dropout, scale=scale)
+    return out.transpose(1, 2)
 
 
 def _decode_with_prefix(query, key, value, mask, prefix_keys, prefix_values, scaling) -> torch.Tensor:
@@ -83,3 +302,5 @@ def _decode_with_prefix(query, key, value, mask, prefix_keys, prefix_values, sca
     prefix_values = prefix_values.reshape(batch, kv_heads, groups, n, -1)
     out = torch.matmul(probs[..., None, :n], prefix_values).squeeze(-2) + torch.matmul(probs[..., n:], value)
     return out.reshape(batch, heads, 1, -1).transpose(1, 2).contiguous()
+
+
