@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from .run_config import DEFAULT_CONFIG, load_run_config, packaged_configs
 
@@ -25,6 +26,8 @@ examples:
   hificl compare --config embedded-easyvqa-baselines   # every baseline of the paper beside HiFICL
   hificl train --set 'methods=[{{name: hificl}}]' --output-dir runs/mine
   hificl eval --adapter runs/mine/adapter --set 'methods=[{{name: hificl}}]'
+  hificl inspect --adapter runs/mine/adapter --output-dir runs/mine/inspect
+  hificl compare --set 'methods=[{{name: icl, shots: 8, pool_size: 8}}, {{name: distill, shots: 8}}]'
 """
 
 
@@ -34,11 +37,13 @@ def _parser() -> argparse.ArgumentParser:
         description="Train, evaluate and compare HiFICL (virtual key-value pairs in a frozen model) against "
                     "zero-shot and in-context learning, under one protocol.",
         epilog=EPILOG)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,compare}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,compare,inspect}")
     helps = {
         "compare": "run every configured method (train the trainable ones), print and save a table and plots",
         "train": "train the config's trainable method; the adapter chosen on validation goes to OUTPUT_DIR/adapter",
         "eval": "evaluate the config's methods on the test subset (trainable ones load --adapter)",
+        "inspect": "what a saved HiFICL adapter does on the test questions: the attention share of its virtual "
+                   "slots per layer and head (heatmap + JSON), and its virtual values read through the LM head",
     }
     for name, text in helps.items():
         sub = commands.add_parser(name, help=text, description=text, epilog=EPILOG,
@@ -52,9 +57,12 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
         sub.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                          help="how much status hificl logs to stderr (default: info)")
-        if name == "eval":
-            sub.add_argument("--adapter", help="a saved adapter folder for the trainable method")
-        else:
+        if name in ("eval", "inspect"):
+            sub.add_argument("--adapter", required=name == "inspect",
+                             help="a saved adapter folder" + (" for the trainable method" if name == "eval" else ""))
+        if name == "inspect":
+            sub.add_argument("--queries", type=int, default=64, help="test questions to average over (default 64)")
+        elif name != "eval":
             sub.add_argument("--restart", action="store_true",
                              help="discard the checkpoints in the output folder and train from scratch (without it, "
                                   "a run resumes from them, and refuses to when the settings changed)")
@@ -116,6 +124,13 @@ def main(argv: list[str] | None = None) -> int:
                 summary = pipeline.train(config, restart=args.restart)
                 if main_process:
                     print(f"adapter (epoch {summary['selected_epoch']}) saved to {summary['adapter']}")
+                return 0
+            elif args.command == "inspect":
+                report = pipeline.inspect(config, args.adapter, args.queries)
+                if main_process:
+                    print((Path(config.output_dir) / "inspect.md").read_text())
+                    print(f"inspection of {report['method']}: {config.output_dir}/inspect.json, inspect.md, "
+                          "virtual_share.png")
                 return 0
             else:
                 results = pipeline.evaluate_config(config, args.adapter)

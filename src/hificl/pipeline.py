@@ -37,17 +37,20 @@ from .metrics import get_metric
 from .run_config import RunConfig
 from .seeding import Seeds
 from .stats import spread
-from .tasks import Task, get_task
+from .tasks import Example, Task, get_task, unlabelled
 from .trainer import Selection, TrainConfig, Trainer, TrainResult
 
 logger = logging.getLogger(__name__)
 
 
 def _digest(examples) -> str:
-    """A short hash of examples in order: their ids, questions, answers, targets and image paths."""
-    text = "\n".join(json.dumps([e.id, e.question, list(e.answers), e.target, e.image.path if e.image else None])
-                     for e in examples)
-    return hashlib.sha1(text.encode()).hexdigest()[:16]
+    """A short hash of examples in order: their ids, questions, image paths and, for labelled examples, their
+    answers and targets (unlabelled queries have none to read)."""
+    def record(e):
+        labels = [list(e.answers), e.target] if isinstance(e, Example) else []
+        return json.dumps([e.id, e.question, e.image.path if e.image else None] + labels)
+
+    return hashlib.sha1("\n".join(record(e) for e in examples).encode()).hexdigest()[:16]
 
 
 class Run:
@@ -120,13 +123,24 @@ class Run:
                                     "digest": _digest(self.validation_examples)},
                 "eval": asdict(config.eval)}
 
+    def training_examples(self, method: Method, seeds: Seeds, examples=None) -> list:
+        """What a method trains on: the run's training examples, or for a method trained on unlabelled queries
+        those outside its labelled pool, stripped of their answers."""
+        examples = examples if examples is not None else self.train_examples
+        if not method.unlabelled:
+            return examples
+        labelled = method.labelled_ids(self.task, seeds)
+        return [unlabelled(e) for e in examples if e.id not in labelled]
+
     def train_method(self, method: Method, parts: Parts, folder: Path, seeds: Seeds, train_examples=None,
                      epochs: int | None = None) -> tuple[TrainResult, Trainer]:
-        """Train a method's parts; returns the `TrainResult` and the trainer. Checkpoints go to `folder`."""
+        """Train a method's parts; returns the `TrainResult` and the trainer. Checkpoints go to `folder`. A method
+        trained on unlabelled queries picks no epoch on labelled validation questions: its last epoch is used."""
         config = self.train_config(method, epochs)
         selection = self.selection(config)
-        examples = train_examples if train_examples is not None else self.train_examples
-        reported = self.task.reported_metrics(self.validation_examples) if self.validation_examples else []
+        examples = self.training_examples(method, seeds, train_examples)
+        validation = self.validation_examples if not method.unlabelled else []
+        reported = self.task.reported_metrics(validation) if validation else []
 
         def validate():
             result = evaluate(parts.model, parts.prompter, self.backbone, self.task, self.validation_examples,
@@ -134,7 +148,7 @@ class Run:
             return {name: result.metrics[name] for name in reported}
 
         trainer = Trainer(parts.model, parts.objective, examples, config, folder, seed=seeds.order,
-                          validate=validate if self.validation_examples else None, selection=selection,
+                          validate=validate if validation else None, selection=selection,
                           save_artifact=parts.adapter.save_pretrained, param_groups=parts.param_groups,
                           progress=self.config.progress, fingerprint=self.fingerprint(method, examples))
         if self.restart:
@@ -156,10 +170,13 @@ class Run:
         seeds, folder = self.seeds(replicate), self.folder(method, replicate)
         parts = method.build(self.backbone, self.task, seeds)
         try:
+            budget = method.data_budget(len(self.training_examples(method, seeds)))
             base_row = {"method": method.label, "id": method.id, "settings": method.describe(), "seed": replicate,
-                        "trainable_params": parts.adapter.get_nb_trainable_parameters()[0] if parts.adapter else 0}
+                        "trainable_params": parts.adapter.get_nb_trainable_parameters()[0] if parts.adapter else 0,
+                        **{f"{k}_examples": v for k, v in budget.items()}}
             if not method.trainable:
-                return [{**base_row, **_row_metrics(self.evaluate_parts(parts, folder, method.label))}]
+                metrics = _row_metrics(self.evaluate_parts(parts, folder, method.label))
+                return [{**base_row, "labelled_examples": parts.prompter.labelled_used, **metrics}]
             result, trainer = self.train_method(method, parts, folder / "train", seeds)
             checkpoints = {epoch: trainer.checkpoint(epoch) for epoch in range(1, result.last_epoch + 1)}
             del trainer  # the trainer's optimiser state and buffers are not needed to evaluate: free them
@@ -246,7 +263,7 @@ def _reported_epochs(result: TrainResult) -> list[tuple[str, int]]:
 
 
 _MEANS = ("seconds_per_query", "prompt_tokens_per_query", "train_seconds", "train_seconds_per_step", "train_steps",
-          "epochs")
+          "epochs", "labelled_examples", "unlabelled_examples")
 
 
 def aggregate(replicates: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -393,3 +410,31 @@ def evaluate_config(config: RunConfig, adapter: str | None = None) -> dict[str, 
         if run.main:
             write_report(results, run.output_dir)
     return results
+
+
+def inspect(config: RunConfig, adapter: str, queries: int = 64) -> dict[str, Any]:
+    """What a saved HiFICL adapter (trained or distilled) does on the config's test questions: the attention share
+    of its virtual slots per layer and head, and what its virtual values write, read through the LM head; written
+    to output_dir as inspect.json, virtual_share.png and inspect.md."""
+    from .adapters import load_adapter_model
+    from .inspect import virtual_attention_share, virtual_value_tokens, write_inspection
+    from .model import HiFICLModel
+    from .prompting import Prompter
+
+    with _holding(config):
+        run = Run(config)
+        method = method_for_adapter(adapter)
+        model = load_adapter_model(run.backbone.model, adapter)
+        try:
+            if not isinstance(model, HiFICLModel):
+                raise ValueError(f"{adapter} holds a {type(model).title} adapter: inspect reads virtual key-value pairs "
+                                 "(HiFICL adapters, trained or distilled).")
+            examples = run.test_examples[:queries]
+            share = virtual_attention_share(model, Prompter(run.task), run.backbone, examples, config.eval.batch_size)
+            tokens = virtual_value_tokens(model, run.backbone.tokenizer)
+        finally:
+            model.unload()
+        if run.main:
+            write_inspection(run.output_dir, share, tokens, method.label, len(examples))
+    return {"method": method.label, "virtual_share": share.tolist(), "value_tokens": tokens,
+            "queries": len(examples)}

@@ -29,6 +29,11 @@ class Prompter:
     def shots(self) -> int:
         return 0
 
+    @property
+    def labelled_used(self) -> int:
+        """How many distinct labelled examples the prompts shown so far held (demonstrations)."""
+        return 0
+
 
 class KShot(Prompter):
     """k demonstrations from the training split, formatted exactly as the query prompt with the answer filled in
@@ -63,10 +68,15 @@ class KShot(Prompter):
             raise ValueError(f"icl: {shots} shots but only {len(self.pool)} training examples.")
         self._pool_features: torch.Tensor | None = None
         self.draw = 0  # a later draw of random demonstrations (e.g. a teacher's next epoch)
+        self.used: set[str] = set()  # the ids of the demonstrations shown so far
 
     @property
     def shots(self) -> int:
         return self._shots
+
+    @property
+    def labelled_used(self) -> int:
+        return len(self.used)
 
     def embed(self, examples: list[Example]) -> torch.Tensor:
         """L2-normalised features of examples (see `features`)."""
@@ -91,6 +101,9 @@ class KShot(Prompter):
             return self._nearest(example)
         key = f"{self.demos_seed}:{example.id}" if not self.draw else f"{self.demos_seed}:{self.draw}:{example.id}"
         rng = random.Random(zlib.crc32(key.encode()))
+        if sum(candidate.id != example.id for candidate in self.pool) < self._shots:
+            raise ValueError(f"icl: {self._shots} demonstrations for {example.id!r} but the pool holds only "
+                             f"{len(self.pool)} examples, the query among them: draw queries from outside the pool.")
         chosen: list[Example] = []
         while len(chosen) < self._shots:
             candidate = self.pool[rng.randrange(len(self.pool))]
@@ -108,5 +121,6 @@ class KShot(Prompter):
     def prompt(self, example: Example) -> list[Segment]:
         segments: list[Segment] = []
         for demo in self.demonstrations(example):
+            self.used.add(demo.id)
             segments += self.task.demonstration(demo)
         return segments + self.task.query_prompt(example)

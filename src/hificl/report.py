@@ -19,6 +19,8 @@ COLUMNS = [
     ("std", "± seeds", None),
     ("ci", "95% CI", None),
     ("seeds", "seeds", None),
+    ("labelled_examples", "labelled", "{:,}"),
+    ("unlabelled_examples", "unlabelled", "{:,}"),
     ("trainable_params", "params", "{:,}"),
     ("adapter_params", "adapter params", "{:,}"),
     ("train_seconds", "train time", "{:.0f} s"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 from ..adapters import saved_method
 from ..registry import Registry
 from .base import Method, Parts
+from .distill import Distill
 from .hificl import HiFICL
 from .icl import InContext, ZeroShot
 from .live import Live, LiveModel
@@ -13,7 +14,7 @@ from .lora import Lora, LoraModel
 from .mimic import MimIC, MimicModel
 
 METHODS: Registry[type[Method]] = Registry("method")
-for _method in (ZeroShot, InContext, HiFICL, Live, MimIC, Lora):
+for _method in (ZeroShot, InContext, HiFICL, Live, MimIC, Lora, Distill):
     METHODS.register(_method.name, _method)
 
 
@@ -37,6 +38,6 @@ def method_for_adapter(folder) -> Method:
     return METHODS.get(name).from_saved(config)
 
 
-__all__ = ["METHODS", "Method", "Parts", "HiFICL", "InContext", "Live", "LiveModel", "Lora", "LoraModel", "MimIC",
+__all__ = ["METHODS", "Method", "Parts", "Distill", "HiFICL", "InContext", "Live", "LiveModel", "Lora", "LoraModel", "MimIC",
            "MimicModel", "ZeroShot", "get_method", "method_for_adapter",
            "register_method"]

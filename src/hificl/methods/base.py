@@ -51,6 +51,7 @@ class Method:
 
     name: ClassVar[str]
     trainable: ClassVar[bool] = False
+    unlabelled: ClassVar[bool] = False  # trains on queries without answers (see `labelled_ids`)
 
     def __init__(self, **options: Any):
         if options:
@@ -95,6 +96,16 @@ class Method:
         """The parts of a trained method around the adapter saved in `folder` (for evaluation)."""
         adapter = load_adapter_model(backbone.model, folder)
         return Parts(self.prompter(backbone, task, seeds), adapter, adapter)
+
+    def labelled_ids(self, task: Task, seeds: Seeds) -> set[str]:
+        """For a method trained on unlabelled queries: the ids of the only labelled examples it reads (kept out
+        of its training queries)."""
+        return set()
+
+    def data_budget(self, train_examples: int) -> dict[str, int]:
+        """The labelled examples the method trains on (and, trained on unlabelled queries, how many of those),
+        given the run's training examples; the demonstrations its prompts show are counted by the prompter."""
+        return {"labelled": train_examples if self.trainable else 0}
 
     @classmethod
     def from_saved(cls, config: dict[str, Any]) -> "Method":

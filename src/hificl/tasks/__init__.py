@@ -10,7 +10,8 @@ from typing import Callable
 
 from ..registry import Registry
 from ..seeding import DEFAULT_SEED
-from .base import DEFAULT_TEMPLATE, Answer, CorpusScore, Example, ImageRef, Instruction, Segment, Task, majority_answer
+from .base import (DEFAULT_TEMPLATE, Answer, CorpusScore, Example, ImageRef, Instruction, Query, Segment, Task,
+                   majority_answer, unlabelled)
 from .capitals import capitals_task
 from .coco import CaptionTask, coco_captions_task, read_karpathy
 from .easyvqa import easyvqa_task
@@ -42,5 +43,5 @@ def get_task(name: str, seed: int = DEFAULT_SEED, **options) -> Task:
 
 
 __all__ = ["Answer", "CaptionTask", "CorpusScore", "DEFAULT_TEMPLATE", "Example", "ImageRef",
-           "Instruction", "Segment", "Task", "TASKS", "capitals_task", "coco_captions_task", "easyvqa_task", "get_task", "jsonl_task",
-           "majority_answer", "okvqa_task", "read_jsonl", "read_karpathy", "read_vqa", "register_task", "vqav2_task"]
+           "Instruction", "Query", "Segment", "Task", "TASKS", "capitals_task", "coco_captions_task", "easyvqa_task", "get_task", "jsonl_task",
+           "majority_answer", "okvqa_task", "unlabelled", "read_jsonl", "read_karpathy", "read_vqa", "register_task", "vqav2_task"]

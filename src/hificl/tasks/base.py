@@ -97,6 +97,21 @@ class Example:
             object.__setattr__(self, "target", majority_answer(self.answers))
 
 
+@dataclass(frozen=True)
+class Query:
+    """A query without its answers: all a method trained on unlabelled data is ever given (a task's prompts need
+    only the question and the image)."""
+
+    id: str
+    question: str
+    image: ImageRef | None = None
+
+
+def unlabelled(example: Example) -> Query:
+    """`example` without its answers."""
+    return Query(example.id, example.question, example.image)
+
+
 def majority_answer(answers) -> str:
     """The most frequent answer; ties go to the one seen first."""
     counts: dict[str, int] = {}

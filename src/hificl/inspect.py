@@ -1,0 +1,193 @@
+"""What virtual pairs do: the share of each head's attention that goes to the virtual slots (``1 - alpha``), per
+layer and head, over a task's queries; and what the virtual values write into the residual stream, read through
+the language-model head (the top tokens per layer, a logit lens). `hificl inspect --adapter DIR` writes both
+as JSON, a heatmap PNG and a Markdown table.
+
+Also `capture_attention`: the post-RoPE queries, keys and values every attention call of a routed model sees
+(distillation initialises virtual pairs from a teacher's demonstration tokens with it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import repeat_kv
+from transformers.masking_utils import AttentionMaskInterface
+
+from .backbones import Backbone
+from .core.attention import ATTENTION_NAME, hificl_attention_forward, route
+from .core.reference import materialised_mask, visible_real_keys
+from .io import atomic_write, atomic_write_json, atomic_write_text
+from .model import HiFICLModel
+from .prompting import Prompter
+from .tasks import Example
+
+INSPECT_ATTENTION_NAME = "hificl_inspect"
+
+
+@dataclass
+class _Recorder:
+    """What the inspecting attention function records, per layer (index of the routed attention modules)."""
+
+    layers: dict[Any, int]
+    mass: dict[int, torch.Tensor] = field(default_factory=dict)  # [heads]: summed virtual share over queries
+    count: dict[int, int] = field(default_factory=dict)  # queries counted per layer
+    captured: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)  # (query, key, value, visible)
+
+
+_recorder: _Recorder | None = None
+
+
+def _inspecting_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
+                          **kwargs):
+    """hificl's attention, plus (float64, from the same inputs) each real query's softmax mass on the virtual
+    slots, accumulated per layer and head; rows and positions that are padding are not counted."""
+    recorder = _recorder
+    layer = recorder.layers.get(id(module)) if recorder is not None else None
+    if layer is not None:
+        visible = visible_real_keys(module, attention_mask, query.shape[2], key.shape[2], is_causal, query.device)
+        recorder.captured[layer] = (query.detach(), key.detach(), value.detach(), visible)
+        routing = route(module, query)
+        if routing is not None and not isinstance(routing, list):
+            scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+            q = query.double()
+            k = repeat_kv(key, q.shape[1] // key.shape[1]).double()
+            real = (q @ k.transpose(-1, -2) * scale).masked_fill(~visible, float("-inf"))
+            virtual = q @ routing.keys.double().transpose(-1, -2) * scale
+            share = torch.sigmoid(torch.logsumexp(virtual, -1) - torch.logsumexp(real, -1))  # [b, h, q]
+            counted = visible.any(-1).expand(share.shape)  # queries that see a real key (not padding)
+            mass = torch.where(counted, share, torch.zeros_like(share)).sum((0, 2))
+            recorder.mass[layer] = recorder.mass.get(layer, 0) + mass.cpu()
+            recorder.count[layer] = recorder.count.get(layer, 0) + int(counted[:, 0].sum())
+    return hificl_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                    is_causal=is_causal, **kwargs)
+
+
+@contextlib.contextmanager
+def _recording(model: HiFICLModel) -> Iterator[_Recorder]:
+    global _recorder
+    AttentionInterface.register(INSPECT_ATTENTION_NAME, _inspecting_attention)
+    AttentionMaskInterface.register(INSPECT_ATTENTION_NAME, materialised_mask)
+    previous, _recorder = _recorder, _Recorder({id(m): i for i, m in enumerate(model.routing.attention_modules)})
+    model.routing.set(INSPECT_ATTENTION_NAME)
+    try:
+        yield _recorder
+    finally:
+        model.routing.set(ATTENTION_NAME)
+        _recorder = previous
+
+
+@contextlib.contextmanager
+def capture_attention(model: HiFICLModel) -> Iterator[dict[int, tuple[torch.Tensor, ...]]]:
+    """During the block, ``captured[layer] = (query, key, value, visible)`` of the last forward's attention calls:
+    post-RoPE queries ``[b, h, q, d]``, keys and values ``[b, kv_heads, k, d]``, and the boolean visibility of
+    the real keys ``[b or 1, 1, q, k]``."""
+    with _recording(model) as recorder:
+        yield recorder.captured
+
+
+@torch.no_grad()
+def virtual_attention_share(model: HiFICLModel, prompter: Prompter, backbone: Backbone,
+                            examples: Sequence[Example], batch_size: int = 8) -> torch.Tensor:
+    """``[layers, heads]``: the mean over the queries' real positions of the softmax mass each head gives the
+    virtual slots (``1 - alpha``; 0 in layers the adapter does not target). Batches are left-padded with the
+    positions generation gives them, so the padding queries see no real key and are not counted."""
+    shape = model.shape
+    was_training = model.training
+    model.eval()
+    with _recording(model) as recorder:
+        for start in range(0, len(examples), batch_size):
+            chunk = list(examples[start:start + batch_size])
+            batch = backbone.encode([prompter.prompt(e) for e in chunk], padding_side="left")
+            batch = {k: v.to(backbone.device) for k, v in batch.items()}
+            if "mm_token_type_ids" not in batch:  # the positions generation gives left-padded rows
+                batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp_min(0)
+            model(**batch)
+    model.train(was_training)
+    share = torch.zeros(shape.num_layers, shape.num_query_heads, dtype=torch.float64)
+    for layer, mass in recorder.mass.items():
+        share[layer] = mass / recorder.count[layer]
+    return share
+
+
+@torch.no_grad()
+def virtual_value_tokens(model: HiFICLModel, tokenizer, top: int = 10) -> list[dict[str, Any]]:
+    """Per targeted layer, what its virtual values write into the residual stream -- ``sum_h W_o^h mean_i
+    v_{h,i}``, each head attending evenly to its virtual slots -- read through the final norm and the
+    language-model head: the top tokens, with their logits."""
+    base = model.base_model
+    head = base.get_output_embeddings()
+    norm = _final_norm(base)
+    rows = []
+    for index, module in enumerate(model.routing.attention_modules):
+        layer_kv = model.adapters[model.active_adapter].get(index)
+        if layer_kv is None:
+            continue
+        _, values = layer_kv(torch.float32)  # [h, n, d]
+        out_proj = _output_projection(module)
+        write = out_proj.weight.float() @ values.mean(1).reshape(-1)  # the heads' mean values, concatenated
+        hidden = norm(write.to(head.weight.dtype)[None, None])[0, 0] if norm is not None else write
+        logits = head(hidden.to(head.weight.dtype)).float()
+        values_top, ids = logits.topk(top)
+        rows.append({"layer": index, "norm": float(write.norm()),
+                     "tokens": [tokenizer.decode([int(i)]) for i in ids], "logits": [float(v) for v in values_top]})
+    return rows
+
+
+def _output_projection(attention: torch.nn.Module) -> torch.nn.Linear:
+    for name in ("o_proj", "out_proj", "dense", "c_proj"):
+        layer = getattr(attention, name, None)
+        if isinstance(layer, torch.nn.Linear):
+            return layer
+    raise ValueError(f"{type(attention).__name__} has no output projection (o_proj) to read the virtual values through.")
+
+
+def _final_norm(model) -> torch.nn.Module | None:
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    while decoder is not None and not hasattr(decoder, "norm") and hasattr(decoder, "get_decoder"):
+        decoder = decoder.get_decoder() if decoder.get_decoder() is not decoder else None
+    for candidate in (decoder, getattr(decoder, "text_model", None), getattr(model, "model", None)):
+        norm = getattr(candidate, "norm", None)
+        if isinstance(norm, torch.nn.Module):
+            return norm
+    return None
+
+
+def write_inspection(folder: str | Path, share: torch.Tensor, tokens: list[dict[str, Any]], title: str,
+                     queries: int) -> list[Path]:
+    """inspect.json, virtual_share.png (layers x heads heatmap) and inspect.md into `folder`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder = Path(folder)
+    atomic_write_json(folder / "inspect.json", {"title": title, "queries": queries, "virtual_share": share.tolist(),
+                                               "virtual_share_per_layer": share.mean(1).tolist(),
+                                               "value_tokens": tokens})
+    figure, axis = plt.subplots(figsize=(max(4, 0.35 * share.shape[1] + 2), max(3, 0.18 * share.shape[0] + 1.5)))
+    image = axis.imshow(share.numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=max(1e-6, float(share.max())))
+    axis.set_xlabel("head")
+    axis.set_ylabel("layer")
+    axis.set_title(f"attention share of the virtual slots (1 - alpha)\n{title}, {queries} queries", fontsize=9)
+    figure.colorbar(image, ax=axis)
+    figure.tight_layout()
+    atomic_write(folder / "virtual_share.png", lambda tmp: figure.savefig(tmp, dpi=120, format="png"))
+    plt.close(figure)
+    lines = [f"**{title}**: attention share of the virtual slots over {queries} queries (mean over heads) and the "
+             "top tokens of what each layer's virtual values write, read through the LM head\n",
+             "| layer | share | top tokens |", "|---|---|---|"]
+    by_layer = {row["layer"]: row for row in tokens}
+    for layer in range(share.shape[0]):
+        words = " ".join(repr(t) for t in by_layer[layer]["tokens"][:6]) if layer in by_layer else "-"
+        lines.append(f"| {layer} | {float(share[layer].mean()):.3f} | {words} |")
+    atomic_write_text(folder / "inspect.md", "\n".join(lines) + "\n")
+    return [folder / "inspect.json", folder / "virtual_share.png", folder / "inspect.md"]
+
+
+__all__ = ["capture_attention", "virtual_attention_share", "virtual_value_tokens", "write_inspection"]

@@ -1,0 +1,263 @@
+"""Distillation of k demonstrations into an adapter, from unlabelled queries only.
+
+The teacher is the frozen model with k labelled demonstrations in its context (`labelled` examples in all: the
+demonstrations are drawn from that pool, at random or retrieved per query; with ``draws > 1`` an ensemble of
+that many draws, whose next-token distributions are averaged). The student is the zero-shot prompt plus a HiFICL
+adapter (``student: hificl``; ``live`` or ``mimic`` give those baselines the same data and teacher). For each
+training query the teacher first answers greedily (an ensemble: the majority of its draws' answers); the loss is
+then the KL divergence between the teacher's and the student's next-token distributions where each token of that
+answer (and its end) is predicted (MimIC's student: its layer-wise MLP alignment on the teacher's answer
+instead), plus ``ce_weight`` x the student's cross-entropy on that answer (0: pure distillation). No label of the
+training queries is ever read: the pipeline hands this method `hificl.tasks.Query` objects, which have none, drawn
+from outside the labelled pool, and picks no epoch on labelled validation questions (the last epoch is used).
+
+The virtual pairs start as the paper's random factors (``init: random``), or from the teacher's own
+demonstration tokens (``init: demonstrations``): for each layer and query head, the post-RoPE keys and values of
+the ``n`` demonstration tokens the queries attend to most, factorised to rank r (a truncated SVD) or kept full
+rank (``full_rank_keys`` / ``full_rank_values``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..adapters import AdapterModel
+from ..core import HiFICLConfig
+from ..core.validate import choice, integer, number
+from ..model import HiFICLModel
+from ..objectives import Teacher, TeacherBatch, TeacherMLPAlignment, TeacherObjective, answer_positions
+from ..prompting import KShot
+from ..tasks import Example, Query, unlabelled
+from .base import Method, Parts
+from .live import LiveConfig, LiveModel
+from .mimic import MimicConfig, MimicModel
+
+
+class TeacherAnswers:
+    """The teacher's own answers to unlabelled queries: greedy, generated once per query with the adapter
+    disabled (an ensemble of teachers: the majority answer, ties to the first draw)."""
+
+    def __init__(self, backbone, task, teachers: list[Teacher], adapter: AdapterModel):
+        self.backbone, self.task, self.teachers, self.adapter = backbone, task, teachers, adapter
+        self.answers: dict[str, str] = {}
+
+    @torch.no_grad()
+    def __call__(self, queries: list[Query]) -> list[Example]:
+        """`queries` labelled with the teacher's answers (post-processed as the task does)."""
+        missing = [q for q in queries if q.id not in self.answers]
+        if missing:
+            model, backbone = self.adapter, self.backbone
+            was_training = model.training
+            model.eval()
+            draws = []
+            for teacher in self.teachers:
+                batch = backbone.encode([teacher.prompter.prompt(q) for q in missing], padding_side="left")
+                batch = {k: v.to(backbone.device) for k, v in batch.items()}
+                with model.disable_adapter():
+                    out = model.generate(**batch, max_new_tokens=self.task.max_new_tokens, do_sample=False,
+                                         pad_token_id=backbone.pad_token_id)
+                draws.append([self.task.postprocess(backbone.decode(t)) for t in out[:, batch["input_ids"].shape[1]:]])
+            model.train(was_training)
+            for index, query in enumerate(missing):
+                votes = Counter(draw[index] for draw in draws)
+                best = max(votes.values())
+                self.answers[query.id] = next(draw[index] for draw in draws if votes[draw[index]] == best)
+        return [Example(q.id, q.question, (self.answers[q.id],), q.image, target=self.answers[q.id]) for q in queries]
+
+
+class TeacherAnswerKL(TeacherObjective):
+    """KL(teacher || student) at the positions predicting the teacher's own greedy answer (+ ``ce_weight`` x CE
+    on it); the teacher an ensemble of `teachers` (their next-token distributions averaged)."""
+
+    def __init__(self, backbone, task, prompter, answers: TeacherAnswers, ce_weight: float = 0.0):
+        super().__init__(backbone, task, prompter, answers.teachers[0])
+        self.answers, self.teachers, self.ce_weight = answers, answers.teachers, ce_weight
+
+    def batch(self, items: list[Query]) -> list[TeacherBatch]:
+        """One aligned batch per teacher draw (the same student inputs)."""
+        labelled = self.answers(items)
+        student = self.student_batch(labelled)
+        return [teacher.batch(labelled, student) for teacher in self.teachers]
+
+    def loss(self, model: nn.Module, batches: list[TeacherBatch]) -> torch.Tensor:
+        first = batches[0]
+        out = model(**first.student)
+        probs = None
+        for batch in batches:
+            logits, _ = Teacher.run(model, batch)
+            p = torch.softmax(batch.align(logits).float(), -1)
+            probs = p if probs is None else probs + p
+        probs = probs / len(batches)
+        where = answer_positions(first.student["labels"]) & first.aligned()
+        teacher_log = torch.log(probs[where].clamp_min(1e-30))
+        student_log = torch.log_softmax(out.logits[where].float(), -1)
+        kl = (probs[where] * (teacher_log - student_log)).sum(-1).mean()
+        return kl + self.ce_weight * out.loss if self.ce_weight else kl
+
+    def set_epoch(self, epoch: int) -> None:
+        for teacher in self.teachers:
+            teacher.set_epoch(epoch)
+
+
+class TeacherAnswerAlignment(TeacherMLPAlignment):
+    """MimIC's layer-wise MLP alignment (+ CE) with the teacher's own answer in place of the label."""
+
+    def __init__(self, backbone, task, prompter, answers: TeacherAnswers, mlps, ce_weight: float = 0.0):
+        super().__init__(backbone, task, prompter, answers.teachers[0], mlps, align_weight=1.0, ce_weight=ce_weight)
+        self.answers = answers
+
+    def batch(self, items: list[Query]) -> TeacherBatch:
+        labelled = self.answers(items)
+        return self.teacher.batch(labelled, self.student_batch(labelled))
+
+
+class Distill(Method):
+    """Options: ``shots`` (k, the demonstrations in a teacher context), ``labelled`` (the labelled examples in
+    all, the pool the demonstrations come from; default k), ``selection`` ("random" or "retrieval"), ``draws``
+    (teacher contexts averaged: an ensemble), ``ce_weight``, ``init`` ("random" or "demonstrations"), and any
+    `HiFICLConfig` field (num_virtual_tokens, rank, full_rank_keys, ...)."""
+
+    name = "distill"
+    trainable = True
+    unlabelled = True  # trains on queries without their answers
+
+    def __init__(self, shots: int = 8, labelled: int | None = None, selection: str = "random", draws: int = 1,
+                 ce_weight: float = 0.0, init: str = "random", student: str = "hificl", **options: Any):
+        super().__init__()
+        self.student = choice(student, "distill: student", ("hificl", "live", "mimic"))
+        if student != "hificl" and (options or init != "random"):
+            raise ValueError(f"distill: HiFICL options and init apply to student hificl, not {student!r}.")
+        if student == "mimic" and draws > 1:
+            raise ValueError("distill: a MimIC student aligns with one teacher context: draws must be 1.")
+        self.shots = integer(shots, "distill: shots")
+        self.labelled = integer(labelled, "distill: labelled", allow_none=True) or self.shots
+        if self.labelled < self.shots:
+            raise ValueError(f"distill: labelled ({self.labelled}) must be at least shots ({self.shots}).")
+        self.selection = choice(selection, "distill: selection", ("random", "retrieval"))
+        self.draws = integer(draws, "distill: draws")
+        self.ce_weight = float(number(ce_weight, "distill: ce_weight"))
+        self.init = choice(init, "distill: init", ("random", "demonstrations"))
+        self.config = HiFICLConfig(**options)
+
+    @property
+    def options(self) -> dict[str, Any]:
+        config = {k: v for k, v in self.config.to_dict().items() if k != "method"}
+        return {"shots": self.shots, "labelled": self.labelled, "selection": self.selection, "draws": self.draws,
+                "ce_weight": self.ce_weight, "init": self.init, "student": self.student,
+                **(config if self.student == "hificl" else {})}
+
+    @property
+    def label(self) -> str:
+        parts = [f"{self.shots} of {self.labelled} labelled" if self.labelled != self.shots else f"{self.shots}-shot"]
+        if self.selection == "retrieval":
+            parts.append("retrieved")
+        if self.draws > 1:
+            parts.append(f"ensemble of {self.draws}")
+        if self.init != "random":
+            parts.append(f"init {self.init}")
+        student = {"hificl": "", "live": "LIVE ", "mimic": "MimIC "}[self.student]
+        return f"{student}distilled ({', '.join(parts)})"
+
+    @classmethod
+    def from_saved(cls, config: dict[str, Any]) -> Method:
+        from . import METHODS
+
+        return METHODS.get(config.get("method", "hificl")).from_saved(config)  # the adapter's own method
+
+    def teachers(self, backbone, task, seeds) -> list[Teacher]:
+        """The teacher contexts: demonstrations from the `labelled` pool (the first `labelled` of the run's seeded
+        shuffle of train: the pool k-shot ICL rows with ``pool_size: k`` use), one draw per ensemble member."""
+        teachers = []
+        for draw in range(self.draws):
+            prompter = KShot(task, backbone, self.shots, self.selection, self.labelled, data_seed=seeds.data,
+                             demos_seed=seeds.demos)
+            prompter.draw = draw
+            teachers.append(Teacher(backbone, task, prompter))
+        return teachers
+
+    def build(self, backbone, task, seeds) -> Parts:
+        prompter, teachers = self.prompter(backbone, task, seeds), self.teachers(backbone, task, seeds)
+        if self.student == "live":
+            adapter = LiveModel(backbone.model, LiveConfig(init_seed=seeds.init))
+        elif self.student == "mimic":
+            adapter = MimicModel(backbone.model, MimicConfig(init_seed=seeds.init))
+        else:
+            config = self.config
+            if config.init_seed is None:
+                config = dataclasses.replace(config, init_seed=seeds.init)
+            adapter = HiFICLModel(backbone.model, config)
+            if self.init == "demonstrations":
+                queries = [unlabelled(e) for e in task.subset("train", self.labelled + 4, seeds.data)[self.labelled:]]
+                initialise_from_demonstrations(adapter, backbone, teachers[0].prompter, task, queries)
+        answers = TeacherAnswers(backbone, task, teachers, adapter)
+        if self.student == "mimic":
+            objective = TeacherAnswerAlignment(backbone, task, prompter, answers, adapter.routing.mlps(), self.ce_weight)
+            return Parts(prompter, adapter, adapter, objective, [{"params": ["shifts.bias"], "weight_decay": 0.0}])
+        return Parts(prompter, adapter, adapter, TeacherAnswerKL(backbone, task, prompter, answers, self.ce_weight))
+
+    def data_budget(self, train_examples: int) -> dict[str, int]:
+        return {"labelled": self.labelled, "unlabelled": train_examples}
+
+    def labelled_ids(self, task, seeds) -> set[str]:
+        """The ids of the only labelled examples the method reads: its teachers' demonstration pool."""
+        return {e.id for e in task.subset("train", self.labelled, seeds.data)}
+
+
+@torch.no_grad()
+def initialise_from_demonstrations(adapter: HiFICLModel, backbone, prompter: KShot, task, queries: list[Query]) -> None:
+    """Set each layer's virtual keys and values to the post-RoPE keys and values of the demonstration tokens its
+    query heads attend to most (in the teacher's prompts of a few unlabelled queries), factorised to the
+    adapter's rank by a truncated SVD, or kept as they are for full-rank factors."""
+    from ..inspect import capture_attention
+
+    pool = queries
+    batch = backbone.encode([prompter.prompt(e) for e in pool], padding_side="right")
+    demo_lengths = [len(backbone.encode([prompter.prompt(e)[:-len(task.query_prompt(e))]])["input_ids"][0])
+                    for e in pool]
+    batch = {k: v.to(backbone.device) for k, v in batch.items()}
+    with adapter.disable_adapter(), capture_attention(adapter) as captured:
+        adapter(**batch)
+    config = adapter.peft_config[adapter.active_adapter]
+    n = config.num_virtual_tokens
+    for layer, (query, key, value, visible) in captured.items():
+        layer_kv = adapter.adapters[adapter.active_adapter].get(layer)
+        if layer_kv is None:
+            continue
+        heads, groups = query.shape[1], query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(groups, 1).float(), value.repeat_interleave(groups, 1).float()
+        scores = (query.float() @ key.transpose(-1, -2)) * query.shape[-1] ** -0.5
+        probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), -1).nan_to_num(0.0)  # [b, h, q, k]
+        keys, values = [], []
+        for h in range(heads):
+            attended = []  # (attention mass from the query's own tokens, row, position) of demonstration tokens
+            for row, demo_length in enumerate(demo_lengths):
+                mass = probs[row, h, demo_length:, :demo_length].sum(0)
+                attended += [(float(m), row, pos) for pos, m in enumerate(mass.tolist()) if pos > 0]  # no sink
+            chosen = sorted(attended, reverse=True)[:n]
+            chosen += chosen[: n - len(chosen)] if len(chosen) < n else []
+            keys.append(torch.stack([key[row, h, pos] for _, row, pos in chosen]))
+            values.append(torch.stack([value[row, h, pos] for _, row, pos in chosen]))
+        _set_factors(layer_kv, torch.stack(keys), torch.stack(values), config.rank)
+
+
+def _set_factors(layer_kv, keys: torch.Tensor, values: torch.Tensor, rank: int) -> None:
+    """Keys/values ``[h, n, d]`` into a `VirtualKV`: full-rank tensors as they are, else a rank-r truncated SVD
+    ``U S^(1/2) @ S^(1/2) V^T`` (the best rank-r approximation)."""
+    for target, name in ((keys, "k"), (values, "v")):
+        full = getattr(layer_kv, f"{name}_full", None)
+        if full is not None:
+            full.copy_(target.to(full.dtype))
+            continue
+        u, s, vh = torch.linalg.svd(target.double(), full_matrices=False)
+        r = min(rank, s.shape[-1])
+        a = torch.zeros(getattr(layer_kv, f"{name}_a").shape, dtype=torch.float64)
+        b = torch.zeros(getattr(layer_kv, f"{name}_b").shape, dtype=torch.float64)
+        a[..., :r] = u[..., :r] * s[..., None, :r].sqrt()
+        b[..., :r, :] = s[..., :r, None].sqrt() * vh[..., :r, :]
+        getattr(layer_kv, f"{name}_a").copy_(a.to(getattr(layer_kv, f"{name}_a").dtype))
+        getattr(layer_kv, f"{name}_b").copy_(b.to(getattr(layer_kv, f"{name}_b").dtype))

@@ -1,0 +1,168 @@
+"""Distillation of k demonstrations from unlabelled queries, and the inspection of virtual pairs: no training
+label is ever read (the task's answers raise), teacher and student see the same query tokens, initialising from
+the teacher's demonstration tokens reproduces them, and the inspection equals a direct float64 computation."""
+
+import json
+
+import pytest
+import torch
+
+from hificl import pipeline
+from hificl.backbones import load_backbone
+from hificl.cli import main as cli_main
+from hificl.methods import get_method
+from hificl.run_config import RunConfig
+from hificl.seeding import Seeds
+from hificl.tasks import Example, Task, get_task, read_jsonl, register_task, unlabelled
+from hificl.tasks.base import Query
+
+
+class LabelReadError(AssertionError):
+    pass
+
+
+class Guarded:
+    """An example whose answers raise when read (an unlabelled query, as a task would hold it)."""
+
+    def __init__(self, example: Example):
+        self.id, self.question, self.image = example.id, example.question, example.image
+
+    @property
+    def answers(self):
+        raise LabelReadError(f"the answer of {self.id} was read")
+
+    @property
+    def target(self):
+        raise LabelReadError(f"the answer of {self.id} was read")
+
+
+def _guarded_task(colour_task, seed, pool_size):
+    """The colour task with every answer guarded, except those of the first `pool_size` training examples of the
+    seeded shuffle (the k labelled demonstrations)."""
+    train, test = read_jsonl(colour_task["train"]), read_jsonl(colour_task["test"])
+    probe = Task("probe", {"train": train, "test": test})
+    pool = {e.id for e in probe.subset("train", pool_size, seed)}
+    return Task("guarded", {"train": [e if e.id in pool else Guarded(e) for e in train],
+                            "test": [Guarded(e) for e in test], "validation": [Guarded(e) for e in train[:4]]})
+
+
+def test_no_training_label_is_read(tiny_vlm, colour_task, tmp_path):
+    register_task("guarded-colours", lambda seed, **options: _guarded_task(colour_task, seed, 2), replace=True)
+    config = RunConfig.from_dict({
+        "backbone": tiny_vlm, "output_dir": str(tmp_path), "progress": False, "validation_samples": 4,
+        "task": {"name": "guarded-colours"}, "methods": [{"name": "distill", "shots": 2, "draws": 2,
+                                                         "value_b_std": 0.3}],
+        "train": {"epochs": 2, "batch_size": 4, "grad_accum": 1, "lr": 0.05}, "eval": {"max_new_tokens": 3}})
+    summary = pipeline.train(config)  # every answer outside the labelled pool raises when read
+    assert summary["train"]["steps"] == 2 * 6 and summary["train"]["best_epoch"] is None, "no labelled validation"
+    assert summary["train"]["history"][-1]["train_loss"] >= 0
+    with pytest.raises(LabelReadError):  # the guard works: a labelled method reads the answers
+        pipeline.train(RunConfig.from_dict({**config.to_dict(), "methods": [{"name": "hificl"}],
+                                            "output_dir": str(tmp_path / "labelled")}))
+
+
+@pytest.fixture(scope="module")
+def setting(tiny_vlm, colour_task):
+    backbone = load_backbone(tiny_vlm)
+    task = get_task("jsonl", train=colour_task["train"], test=colour_task["test"], instruction="Name the colour.\n")
+    return backbone, task
+
+
+def test_teacher_and_student_see_the_same_query_tokens(setting):
+    backbone, task = setting
+    method = get_method("distill", shots=2, labelled=4, draws=2)
+    parts = method.build(backbone, task, Seeds(0, 0))
+    pool = method.labelled_ids(task, Seeds(0, 0))
+    queries = [unlabelled(e) for e in task.splits["train"] if e.id not in pool][:3]
+    assert all(isinstance(q, Query) and not hasattr(q, "answers") for q in queries)
+    batches = parts.objective.batch(queries)
+    assert len(batches) == 2, "one teacher batch per ensemble draw"
+    answers = parts.objective.answers.answers
+    assert set(answers) == {q.id for q in queries}
+    for batch in batches:
+        for row in range(3):
+            n, offset, start = (int(batch.student["attention_mask"][row].sum()), int(batch.offsets[row]),
+                                int(batch.starts[row]))
+            assert start > 0, "the instruction precedes the demonstrations: the sequences differ in front"
+            assert torch.equal(batch.teacher["input_ids"][row, offset + start:offset + n],
+                               batch.student["input_ids"][row, start:n])
+            target = backbone.tokenizer.decode(batch.student["labels"][row][batch.student["labels"][row] != -100])
+            assert target == str(task.target_text(Example(queries[row].id, "q", (answers[queries[row].id],),
+                                                          target=answers[queries[row].id] or "-")))
+    demos = [d.id for batch in batches for d in parts.objective.teachers[0].prompter.demonstrations(queries[0])]
+    assert set(demos) <= pool, "demonstrations come from the labelled pool only"
+    loss = parts.objective.loss(parts.model, batches)
+    loss.backward()
+    assert torch.isfinite(loss) and any(p.grad is not None for p in parts.adapter.parameters() if p.requires_grad)
+    parts.close()
+
+
+@pytest.mark.parametrize("full_rank", [False, True])
+def test_initialising_from_demonstrations_takes_the_teachers_own_tokens(setting, full_rank):
+    from hificl.inspect import capture_attention
+
+    backbone, task = setting
+    options = {"full_rank_keys": True, "full_rank_values": True} if full_rank else {"rank": 16, "num_virtual_tokens": 4}
+    parts = get_method("distill", shots=2, init="demonstrations", **options).build(backbone, task, Seeds(0, 0))
+    adapter = parts.adapter
+    keys, values = adapter.virtual_kv(0)
+    # every virtual key is (up to the factorisation: rank 16 = head dim, exact) a post-RoPE demonstration key
+    prompter = parts.objective.teachers[0].prompter
+    queries = [unlabelled(e) for e in task.subset("train", prompter.shots + 4, 0)[prompter.shots:]]
+    batch = backbone.encode([prompter.prompt(q) for q in queries], padding_side="right")
+    with torch.no_grad(), adapter.disable_adapter(), capture_attention(adapter) as captured:
+        adapter(**batch)
+    _, key, value, _ = captured[0]
+    groups = keys.shape[0] // key.shape[1]
+    for head in range(keys.shape[0]):
+        candidates = key[:, head // groups].reshape(-1, key.shape[-1])
+        distance = torch.cdist(keys[head].double(), candidates.double()).min(-1).values
+        assert distance.max() < 1e-4, (head, distance)
+    parts.close()
+
+
+def test_inspection_equals_a_direct_float64_computation(setting):
+    """The virtual share of every layer and head equals the softmax mass on the virtual columns of attention over
+    the concatenation [K_v; K], computed here in float64 from the captured queries and keys."""
+    from hificl import HiFICLConfig, get_hificl_model
+    from hificl.inspect import capture_attention, virtual_attention_share, virtual_value_tokens
+    from hificl.prompting import Prompter
+    import copy
+
+    backbone, task = setting
+    model = get_hificl_model(copy.deepcopy(backbone.model), HiFICLConfig(value_b_std=0.5, key_b_std=0.5, init_seed=3))
+    examples = task.splits["test"][:5]
+    local = copy.copy(backbone)
+    local.model = model.base_model
+    share = virtual_attention_share(model, Prompter(task), local, examples, batch_size=5)
+    batch = local.encode([task.query_prompt(e) for e in examples], padding_side="left")
+    batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad(), capture_attention(model) as captured:
+        model(**batch)
+    real = batch["attention_mask"].bool()
+    for layer, (query, key, _, visible) in captured.items():
+        virtual_keys, _ = model.virtual_kv(layer)
+        q, k = query.double(), key.double().repeat_interleave(query.shape[1] // key.shape[1], 1)
+        scores = torch.cat([q @ virtual_keys.double().transpose(-1, -2), (q @ k.transpose(-1, -2)).masked_fill(
+            ~visible, float("-inf"))], -1) * q.shape[-1] ** -0.5
+        mass = torch.softmax(scores, -1)[..., :virtual_keys.shape[1]].sum(-1)  # [b, h, q]
+        expected = mass.permute(1, 0, 2)[:, real].mean(-1)
+        torch.testing.assert_close(share[layer], expected, rtol=1e-10, atol=1e-12)
+    assert (share > 0).all() and (share < 1).all()
+    tokens = virtual_value_tokens(model, backbone.tokenizer, top=5)
+    assert len(tokens) == model.shape.num_layers and all(len(row["tokens"]) == 5 for row in tokens)
+
+
+def test_the_inspect_command_writes_a_heatmap_and_json(tiny_vlm, colour_task, tmp_path, capsys):
+    common = ["--backbone", tiny_vlm, "--no-progress", "--set",
+              f"task={{name: jsonl, train: {colour_task['train']}, test: {colour_task['test']}}}",
+              "--set", "train.epochs=1", "--set", "train.batch_size=8", "--set", "train.grad_accum=1",
+              "--set", "validation_samples=0", "--set", "eval.max_new_tokens=2"]
+    assert cli_main(["train", *common, "--set", "methods=[{name: distill, shots: 2}]", "--output-dir",
+                     str(tmp_path / "train")]) == 0
+    assert cli_main(["inspect", *common, "--adapter", str(tmp_path / "train" / "adapter"), "--queries", "4",
+                     "--output-dir", str(tmp_path / "inspect")]) == 0
+    report = json.loads((tmp_path / "inspect" / "inspect.json").read_text())
+    assert report["queries"] == 4 and len(report["virtual_share"]) == 2 and len(report["virtual_share"][0]) == 4
+    assert (tmp_path / "inspect" / "virtual_share.png").stat().st_size > 0
+    assert "attention share of the virtual slots" in capsys.readouterr().out
