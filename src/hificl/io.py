@@ -1,8 +1,9 @@
 """Atomic writes: a reader sees the old file (or folder) or the new one, never a half-written one.
 
 Temporary files and folders are written beside their target and named ``.<target>.tmp-<host>-<pid>-<random>``,
-so that `remove_stale_temporaries` can delete those of processes that died before renaming them (a killed run),
-and never those of a process still writing.
+so that `remove_stale_temporaries` can clean up after processes that died before renaming them (a killed run),
+and never touches those of a process still writing: a folder set aside to be replaced (``...-old-...``) whose
+target is missing is put back, anything else is deleted.
 """
 
 from __future__ import annotations
@@ -10,6 +11,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX
+    fcntl = None
 import shutil
 import socket
 import tempfile
@@ -72,8 +78,13 @@ def atomic_folder(path: str | os.PathLike, keep_existing: bool = False) -> Itera
     try:
         yield tmp
         os.chmod(tmp, 0o755)  # mkdtemp makes it private
-        if keep_existing and path.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        if keep_existing:
+            try:
+                os.rename(tmp, path)  # fails when another writer's folder is already there (not empty)
+            except OSError:
+                if not (path.is_dir() and any(path.iterdir())):
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)  # lost the race: theirs stays
             return
         if path.exists():
             old = path.with_name(f"{_temp_prefix(path)}old-{uuid.uuid4().hex}")
@@ -103,6 +114,41 @@ def remove_folder(path: str | os.PathLike) -> None:
     shutil.rmtree(aside, ignore_errors=True)
 
 
+LOCK_NAME = ".hificl.lock"
+
+
+class FolderLockedError(RuntimeError):
+    """Another run is writing to the output folder."""
+
+
+def _holder_error(folder: Path, lock: Path) -> FolderLockedError:
+    try:
+        holder = json.loads(lock.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        holder = {}
+    return FolderLockedError(
+        f"Another hificl run (pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}) is "
+        f"writing to {folder}. Wait for it to finish, or give this run another --output-dir.")
+
+
+@contextmanager
+def _flocked(lock: Path, folder: Path, mine: str) -> Iterator[None]:
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+    except PermissionError:
+        raise PermissionError(f"The output folder {folder} is not writable: give another --output-dir.") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise _holder_error(folder, lock) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, mine.encode())
+        yield
+    finally:
+        os.close(fd)  # releases the lock; the file stays (unlinking it could race a run opening it)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -123,9 +169,13 @@ def remove_stale_temporaries(folder: str | os.PathLike, recursive: bool = True) 
     for entry in list(folder.iterdir()):
         marker = ".tmp-"
         if entry.name.startswith(".") and marker in entry.name:
-            host_pid = entry.name.split(marker, 1)[1].split("-")
+            target, rest = entry.name[1:].split(marker, 1)
+            host_pid = rest.split("-")
             if len(host_pid) >= 2 and host_pid[0] == _HOST and host_pid[1].isdigit() and not _alive(int(host_pid[1])):
-                if entry.is_dir() and not entry.is_symlink():
+                original = folder / target
+                if host_pid[2:3] == ["old"] and not original.exists():
+                    os.replace(entry, original)  # killed between setting it aside and putting the new one in
+                elif entry.is_dir() and not entry.is_symlink():
                     shutil.rmtree(entry, ignore_errors=True)
                 else:
                     entry.unlink(missing_ok=True)
@@ -136,18 +186,13 @@ def remove_stale_temporaries(folder: str | os.PathLike, recursive: bool = True) 
     return removed
 
 
-LOCK_NAME = ".hificl.lock"
-
-
-class FolderLockedError(RuntimeError):
-    """Another run is writing to the output folder."""
-
-
 @contextmanager
 def folder_lock(folder: str | os.PathLike) -> Iterator[Path]:
-    """Hold `folder` (created if needed) for one run: a lock file made with O_EXCL names this process; a second
-    run gets `FolderLockedError` naming the holder. A lock left by a process of this host that died is taken over.
-    Also checks, before anything is trained, that the folder can be written to."""
+    """Hold `folder` (created if needed) for one run: an exclusive advisory lock (``flock``) on a lock file that
+    names this process; a second run gets `FolderLockedError` naming the holder. The system releases the lock of a
+    process that dies, so a killed run never blocks the next one. (Where ``flock`` does not exist, a lock file
+    made with O_EXCL, taken over when its process of this host is gone.) Also checks, before anything is trained,
+    that the folder can be written to."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise NotADirectoryError(f"The output folder {folder} is a file: give another --output-dir.")
@@ -158,6 +203,11 @@ def folder_lock(folder: str | os.PathLike) -> Iterator[Path]:
                               "--output-dir.") from None
     lock = folder / LOCK_NAME
     mine = json.dumps({"host": _HOST, "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")})
+    if fcntl is not None:
+        with _flocked(lock, folder, mine):
+            remove_stale_temporaries(folder)
+            yield folder
+        return
     for _ in range(2):
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -169,10 +219,7 @@ def folder_lock(folder: str | os.PathLike) -> Iterator[Path]:
             if holder.get("host") == _HOST and isinstance(holder.get("pid"), int) and not _alive(holder["pid"]):
                 lock.unlink(missing_ok=True)  # its process died: take it over
                 continue
-            raise FolderLockedError(
-                f"Another hificl run (pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}) "
-                f"is writing to {folder}. Wait for it to finish, or give this run another --output-dir. (If no such "
-                f"run exists, delete {lock}.)") from None
+            raise _holder_error(folder, lock) from None
         except PermissionError:
             raise PermissionError(f"The output folder {folder} is not writable: give another --output-dir.") from None
         with os.fdopen(fd, "w", encoding="utf-8") as handle:

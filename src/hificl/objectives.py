@@ -91,22 +91,30 @@ class Teacher:
     the position that predicts its first token. With `resample`, every epoch draws each query's demonstrations
     anew (seeded by the epoch), as MimIC's original code does at every step; otherwise a query keeps its draw."""
 
-    def __init__(self, backbone: Backbone, task: Task, prompter: KShot, resample: bool = False):
+    def __init__(self, backbone: Backbone, task: Task, prompter: KShot, resample: bool = False,
+                 adapter: nn.Module | None = None):
         self.backbone, self.task, self.prompter, self.resample = backbone, task, prompter, resample
+        self.adapter = adapter  # disabled while prompts are built (retrieval reads the frozen model's features)
 
     @classmethod
-    def with_shots(cls, backbone: Backbone, task: Task, shots: int, seeds: Seeds, resample: bool = False) -> "Teacher":
+    def with_shots(cls, backbone: Backbone, task: Task, shots: int, seeds: Seeds, resample: bool = False,
+                   adapter: nn.Module | None = None) -> "Teacher":
         """A teacher with `shots` random demonstrations from train (drawn with the replicate's demos seed)."""
         return cls(backbone, task, KShot(task, backbone, shots, data_seed=seeds.data, demos_seed=seeds.demos),
-                   resample)
+                   resample, adapter)
+
+    def prompts(self, items) -> list:
+        """The teacher's prompt of each item, built with the adapter disabled."""
+        with self.adapter.disable_adapter() if self.adapter is not None else contextlib.nullcontext():
+            return [self.prompter.prompt(e) for e in items]
 
     def set_epoch(self, epoch: int) -> None:
         if self.resample:
             self.prompter.draw = epoch - 1
 
     def batch(self, items: list[Example], student: dict[str, torch.Tensor]) -> TeacherBatch:
-        teacher = self.backbone.encode([self.prompter.prompt(e) for e in items],
-                                       [self.task.target_text(e) for e in items], padding_side="right")
+        teacher = self.backbone.encode(self.prompts(items), [self.task.target_text(e) for e in items],
+                                       padding_side="right")
         teacher.pop("labels")
         student_lengths = student["attention_mask"].sum(1).tolist()
         teacher_lengths = teacher["attention_mask"].sum(1).tolist()

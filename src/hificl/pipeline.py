@@ -77,7 +77,12 @@ class Run:
         self.test_examples = self.task.subset("test", config.test_samples, self.data_seed)
         for method in self.methods:
             if method.trainable:
-                self.selection(self.train_config(method))  # a bad select_metric fails now, not after an epoch
+                train = self.train_config(method)
+                self.selection(train)  # a bad select_metric fails now, not after an epoch
+                if train.mixed_precision != config.train.mixed_precision and self.state.num_processes > 1:
+                    raise ValueError(f"Method {method.label}: a mixed_precision of its own ({train.mixed_precision}) "
+                                     "needs a single process (accelerate fixes the precision of a launched run); "
+                                     "set train.mixed_precision for the whole run instead.")
         self.backbone: Backbone = load_backbone(config.backbone, config.dtype, config.chat_template)
         self.backbone.model.to(self.state.device)
 
@@ -113,15 +118,18 @@ class Run:
         return Selection(name, get_metric(name).higher_is_better)
 
     def fingerprint(self, method: Method, examples) -> dict[str, Any]:
-        """What defines a training run beyond its training settings: a checkpoint is resumed only under the same."""
+        """What defines a training run beyond its training settings: a checkpoint is resumed only under the same.
+        Data enter through digests of the examples (a moved data folder still resumes), evaluation through the
+        settings that change validation scores (not the batch size)."""
         config = self.config
+        task = {k: v for k, v in config.task.items() if not (isinstance(v, str) and Path(v).exists())}
         return {"method": {"name": method.name, **json.loads(json.dumps(method.options, default=str))},
-                "task": config.task, "backbone": {"spec": config.backbone, "dtype": config.dtype,
-                                                  "chat_template": config.chat_template},
+                "task": task, "backbone": {"spec": config.backbone, "dtype": config.dtype,
+                                           "chat_template": config.chat_template},
                 "train_data": {"count": len(examples), "digest": _digest(examples)},
                 "validation_data": {"count": len(self.validation_examples),
                                     "digest": _digest(self.validation_examples)},
-                "eval": asdict(config.eval)}
+                "eval": {"num_beams": config.eval.num_beams, "max_new_tokens": config.eval.max_new_tokens}}
 
     def training_examples(self, method: Method, seeds: Seeds, examples=None) -> list:
         """What a method trains on: the run's training examples, or for a method trained on unlabelled queries
@@ -380,6 +388,10 @@ def evaluate_config(config: RunConfig, adapter: str | None = None) -> dict[str, 
 
     with _holding(config):
         run = Run(config)
+        trainable = [m.name for m in run.methods if m.trainable]
+        if len(trainable) > 1:
+            raise ValueError(f"`eval` evaluates one saved adapter, but 'methods' holds {len(trainable)} trainable "
+                             f"methods ({trainable}): keep one.")
         run.write_test_ids()
         rows, replicates = [], []
         for configured in run.methods:

@@ -5,13 +5,14 @@ AdamW, cosine schedule with linear warm-up, gradient clipping, gradient accumula
 validation callback that picks the best epoch by a named metric, an atomic checkpoint after every epoch and, with
 ``checkpoint_every``, every N optimiser steps in between.
 
-Several processes (``accelerate launch`` / ``torchrun``: DDP, or FSDP / DeepSpeed as accelerate is configured).
+Several processes (``accelerate launch`` / ``torchrun``: DDP, one process per GPU, or gloo processes on a CPU).
 An optimiser step is ``grad_accum`` micro-batches of ``batch_size`` examples, the same ones in the same order
 whatever the number of processes: the micro-batches of a step are dealt out to the processes (so ``grad_accum``
 must be a multiple of their number), each weights its micro-batch losses by their share of the step's examples,
 and the gradients are summed across processes. A process with no micro-batch left in an epoch's last step runs a
 copy of one with weight 0, so every process takes part in every gradient exchange. The main process alone
-writes checkpoints and logs.
+writes checkpoints and logs. FSDP and DeepSpeed are refused: they shard or step the trainable parameters
+themselves, which this trainer's checkpoints, clipping and accumulation do not yet follow.
 
 Resuming continues from the most advanced complete checkpoint with exactly the remaining batches of its epoch,
 on any number of processes: the trainable weights, optimiser, schedule and position are restored, and the random
@@ -35,7 +36,7 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import LoggerType, gather_object, send_to_device
+from accelerate.utils import DistributedType, LoggerType, gather_object, send_to_device
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -254,7 +255,8 @@ class Trainer:
     Args:
         model: the module (its frozen parameters are left alone).
         objective: builds batches from training items (``objective.batch``) and the loss (``objective.loss``);
-            an objective with ``set_epoch(epoch)`` is told each epoch before its batches are built.
+            an objective with ``set_epoch(epoch)`` is told each epoch before its batches are built, and one with
+            ``prepare(items)`` is given every training item once before training (on every process).
         examples: the training items.
         config: a `TrainConfig`.
         output_dir: where the checkpoints go (``epoch-<n>/``, and the latest ``step-<n>/``).
@@ -284,6 +286,12 @@ class Trainer:
         self.save_artifact, self.progress = save_artifact, progress
         self.fingerprint = json.loads(json.dumps(fingerprint or {}, default=str))
         self.accelerator = accelerator_for(config.mixed_precision, config.log_with, self.output_dir)
+        kind = self.accelerator.distributed_type
+        if kind not in (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU):
+            raise ValueError(f"hificl trains on one process or several with DDP (multi-GPU, or gloo on CPUs); this "
+                             f"run is configured for {kind.value}. Launch it with plain DDP (e.g. `accelerate launch "
+                             "--multi_gpu ...` or `torchrun ...`): the frozen backbone is replicated, only the "
+                             "adapter's small gradients are exchanged.")
         self.processes = self.accelerator.num_processes
         if config.grad_accum % self.processes:
             raise ValueError(
@@ -331,9 +339,9 @@ class Trainer:
         return [micro[i:i + accum] for i in range(0, len(micro), accum)]
 
     def _my_slots(self, step: list[list[int]]) -> list[tuple[list[int], int]]:
-        """This process's share of a step: (micro-batch, examples that count) pairs; missing slots repeat the
-        step's first micro-batch with no example counting."""
-        rank, slots = self.accelerator.process_index, self.config.grad_accum // self.processes
+        """This process's share of a step: (micro-batch, examples that count) pairs, as many on every process;
+        missing slots repeat the step's first micro-batch with no example counting."""
+        rank, slots = self.accelerator.process_index, math.ceil(len(step) / self.processes)
         mine = [step[j] for j in range(rank, len(step), self.processes)]
         return [(chunk, len(chunk)) for chunk in mine] + [(step[0], 0)] * (slots - len(mine))
 
@@ -447,6 +455,8 @@ class Trainer:
             self.accelerator.init_trackers("hificl", config=self.config.optimisation())
         if self.config.gradient_checkpointing:
             self.unwrapped.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(self.objective, "prepare"):  # work on every training item before the first batch
+            self.objective.prepare(self.examples)
         _reset_peak_memory(device)
         bar = tqdm(total=self.total_steps, initial=result.steps, desc="train", unit="step",
                    disable=not (self.progress and main), dynamic_ncols=True)
@@ -476,6 +486,7 @@ class Trainer:
         epoch = position.epoch
         if hasattr(self.objective, "set_epoch"):
             self.objective.set_epoch(epoch)
+
         steps = self._epoch_steps(epoch)
         for index in range(position.step_in_epoch, len(steps)):
             started = time.perf_counter()

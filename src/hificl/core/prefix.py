@@ -151,13 +151,25 @@ class _SplitPrefixAttention(torch.autograd.Function):
 
 def _bias(mask: torch.Tensor | None, kv_length: int, dtype: torch.dtype) -> torch.Tensor | None:
     """The model's mask as the additive bias the kernels take: 0 where visible, a large finite negative value
-    where not (a -inf row would give a fully masked query a log-sum-exp of 0 instead of -inf)."""
+    where not (a -inf row would give a fully masked query a log-sum-exp of 0 instead of -inf). Its rows are
+    stored 16-aligned (as the memory-efficient kernel needs), and it is made once per mask: every layer of a
+    forward shares one copy (also the one autograd keeps)."""
     if mask is None:
         return None
-    mask = mask[..., :kv_length]
-    if mask.dtype == torch.bool:
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, -0.5 * torch.finfo(dtype).max)
-    return mask.to(dtype).clamp_min(-0.5 * torch.finfo(dtype).max)
+    key = (mask._version, dtype, kv_length)
+    cached = getattr(mask, "_hificl_bias", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    visible = mask[..., :kv_length]
+    floor = -0.5 * torch.finfo(dtype).max
+    padded = -(-kv_length // 16) * 16
+    bias = torch.zeros(visible.shape[:-1] + (padded,), dtype=dtype, device=mask.device)[..., :kv_length]
+    if visible.dtype == torch.bool:
+        bias.masked_fill_(~visible, floor)
+    else:
+        bias.copy_(visible.to(dtype).clamp_min(floor))
+    mask._hificl_bias = (key, bias)
+    return bias
 
 
 _CHECKED: dict[tuple, bool] = {}
@@ -173,11 +185,12 @@ def _candidates(query: torch.Tensor, bias: torch.Tensor | None) -> list[Kernel]:
 
 def _passes_check(kernel: Kernel, query: torch.Tensor, masked: bool, grouped: bool) -> bool:
     """Whether `kernel` gives the concatenation path's output and gradients on a small random case like the
-    call's (device, dtype, mask or not, grouped heads or not); checked once per process and kind of call."""
-    key = (kernel.name, query.device.type, query.dtype, masked, grouped)
+    call's (device, dtype, head dim, mask or not, grouped heads or not), run through the same wrapper as the
+    call; checked once per process and kind of call."""
+    key = (kernel.name, query.device.type, query.dtype, query.shape[-1], masked, grouped)
     if key not in _CHECKED:
         try:
-            _CHECKED[key] = _self_check(kernel, query.device, query.dtype, masked, grouped)
+            _CHECKED[key] = _self_check(kernel, query.device, query.dtype, query.shape[-1], masked, grouped)
         except Exception as error:  # a kernel that refuses the inputs, or an op that changed
             logger.warning("hificl: the %s kernel failed its check on %s %s (%s); using the concatenation path",
                            kernel.name, query.device.type, query.dtype, error)
@@ -188,9 +201,9 @@ def _passes_check(kernel: Kernel, query: torch.Tensor, masked: bool, grouped: bo
     return _CHECKED[key]
 
 
-def _self_check(kernel: Kernel, device: torch.device, dtype: torch.dtype, masked: bool, grouped: bool) -> bool:
+def _self_check(kernel: Kernel, device: torch.device, dtype: torch.dtype, d: int, masked: bool, grouped: bool) -> bool:
     generator = torch.Generator(device="cpu").manual_seed(0)
-    b, h, kv_heads, t, n, d = 2, 4, 2 if grouped else 4, 37, 3, 64
+    b, h, kv_heads, t, n = 2, 4, 2 if grouped else 4, 37, 3
 
     def rand(*shape):
         return torch.randn(*shape, generator=generator).to(device=device, dtype=dtype)
@@ -208,8 +221,7 @@ def _self_check(kernel: Kernel, device: torch.device, dtype: torch.dtype, masked
             inputs = [x.detach().clone().requires_grad_(True) for x in leaves]
             q, k, v, pk, pv = inputs
             if fast:
-                out = _SplitPrefixAttention.apply(q, k, v, pk, pv, _bias(mask, t, dtype), mask is None, d ** -0.5,
-                                                  kernel)
+                out = _split(kernel, q, k, v, _bias(mask, t, dtype), pk, pv, mask is None, d ** -0.5)
             else:
                 out = _concatenated(None, q, k, v, mask, pk.expand(b, -1, -1, -1), pv.expand(b, -1, -1, -1), 0.0,
                                     d ** -0.5, True).transpose(1, 2)
@@ -252,12 +264,21 @@ def attend_with_prefix(module, query, key, value, mask, prefix_keys, prefix_valu
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if split is not None:
         kernel, bias = split
-        if not kernel.gqa and key.shape[1] != query.shape[1]:
-            key, value = repeat_kv(key, query.shape[1] // key.shape[1]), repeat_kv(value, query.shape[1] // key.shape[1])
-        out = _SplitPrefixAttention.apply(query, key, value, prefix_keys, prefix_values, bias, causal, scale, kernel)
-        return out.transpose(1, 2).contiguous()
+        try:
+            return _split(kernel, query, key, value, bias, prefix_keys, prefix_values, causal, scale).transpose(1, 2).contiguous()
+        except RuntimeError as error:  # a kernel refusing these particular inputs (a shape its check did not have)
+            logger.debug("hificl: the %s kernel refused a call (%s); using the concatenation path", kernel.name, error)
     return _concatenated(module, query, key, value, mask, _batched(prefix_keys, query), _batched(prefix_values, query),
                          dropout, scale, causal).contiguous()
+
+
+def _split(kernel: Kernel, query, key, value, bias, prefix_keys, prefix_values, causal: bool, scale: float):
+    """The split merge through `kernel` (keys and values expanded to the query heads for kernels that read no
+    grouped heads); returns ``[b, h, q, d]``."""
+    if not kernel.gqa and key.shape[1] != query.shape[1]:
+        groups = query.shape[1] // key.shape[1]
+        key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    return _SplitPrefixAttention.apply(query, key, value, prefix_keys, prefix_values, bias, causal, scale, kernel)
 
 
 def _batched(prefix: torch.Tensor, query: torch.Tensor) -> torch.Tensor:

@@ -39,34 +39,57 @@ from .mimic import MimicConfig, MimicModel
 
 
 class TeacherAnswers:
-    """The teacher's own answers to unlabelled queries: greedy, generated once per query with the adapter
-    disabled (an ensemble of teachers: the majority answer, ties to the first draw)."""
+    """The teacher's own answers to unlabelled queries: greedy, with the adapter disabled (an ensemble of
+    teachers: the majority answer, ties to the first draw). `prepare` generates them all before training, in
+    batches of `batch_size` queries in the given order dealt out to the processes, so the answers do not depend on
+    the number of processes, the micro-batches or a resume."""
 
-    def __init__(self, backbone, task, teachers: list[Teacher], adapter: AdapterModel):
+    def __init__(self, backbone, task, teachers: list[Teacher], adapter: AdapterModel, batch_size: int = 8):
         self.backbone, self.task, self.teachers, self.adapter = backbone, task, teachers, adapter
+        self.batch_size = batch_size
         self.answers: dict[str, str] = {}
 
     @torch.no_grad()
+    def _generate(self, queries: list[Query]) -> dict[str, str]:
+        model, backbone = self.adapter, self.backbone
+        was_training = model.training
+        model.eval()
+        draws = []
+        for teacher in self.teachers:
+            batch = backbone.encode(teacher.prompts(queries), padding_side="left")
+            batch = {k: v.to(backbone.device) for k, v in batch.items()}
+            with model.disable_adapter():
+                out = model.generate(**batch, max_new_tokens=self.task.max_new_tokens, do_sample=False,
+                                     pad_token_id=backbone.pad_token_id)
+            draws.append([self.task.postprocess(backbone.decode(t)) for t in out[:, batch["input_ids"].shape[1]:]])
+        model.train(was_training)
+        answers = {}
+        for index, query in enumerate(queries):
+            votes = Counter(draw[index] for draw in draws)
+            best = max(votes.values())
+            answers[query.id] = next(draw[index] for draw in draws if votes[draw[index]] == best)
+        return answers
+
+    def prepare(self, queries: list[Query]) -> None:
+        """Generate the answers of every training query (each process its share of the batches, then gathered)."""
+        from accelerate.utils import gather_object
+
+        from ..distributed import process_state
+
+        state = process_state()
+        missing = [q for q in queries if q.id not in self.answers]
+        batches = [missing[i:i + self.batch_size] for i in range(0, len(missing), self.batch_size)]
+        mine = {}
+        for batch in batches[state.process_index::state.num_processes]:
+            mine.update(self._generate(batch))
+        for answers in (gather_object([mine]) if state.num_processes > 1 else [mine]):
+            self.answers.update(answers)
+
     def __call__(self, queries: list[Query]) -> list[Example]:
         """`queries` labelled with the teacher's answers (post-processed as the task does)."""
         missing = [q for q in queries if q.id not in self.answers]
-        if missing:
-            model, backbone = self.adapter, self.backbone
-            was_training = model.training
-            model.eval()
-            draws = []
-            for teacher in self.teachers:
-                batch = backbone.encode([teacher.prompter.prompt(q) for q in missing], padding_side="left")
-                batch = {k: v.to(backbone.device) for k, v in batch.items()}
-                with model.disable_adapter():
-                    out = model.generate(**batch, max_new_tokens=self.task.max_new_tokens, do_sample=False,
-                                         pad_token_id=backbone.pad_token_id)
-                draws.append([self.task.postprocess(backbone.decode(t)) for t in out[:, batch["input_ids"].shape[1]:]])
-            model.train(was_training)
-            for index, query in enumerate(missing):
-                votes = Counter(draw[index] for draw in draws)
-                best = max(votes.values())
-                self.answers[query.id] = next(draw[index] for draw in draws if votes[draw[index]] == best)
+        if missing:  # outside a trainer, which prepares them all first
+            self.answers.update(self._generate(missing))
         return [Example(q.id, q.question, (self.answers[q.id],), q.image, target=self.answers[q.id]) for q in queries]
 
 
@@ -77,6 +100,9 @@ class TeacherAnswerKL(TeacherObjective):
     def __init__(self, backbone, task, prompter, answers: TeacherAnswers, ce_weight: float = 0.0):
         super().__init__(backbone, task, prompter, answers.teachers[0])
         self.answers, self.teachers, self.ce_weight = answers, answers.teachers, ce_weight
+
+    def prepare(self, items: list[Query]) -> None:
+        self.answers.prepare(items)
 
     def batch(self, items: list[Query]) -> list[TeacherBatch]:
         """One aligned batch per teacher draw (the same student inputs)."""
@@ -111,6 +137,9 @@ class TeacherAnswerAlignment(TeacherMLPAlignment):
         super().__init__(backbone, task, prompter, answers.teachers[0], mlps, align_weight=1.0, ce_weight=ce_weight)
         self.answers = answers
 
+    def prepare(self, items: list[Query]) -> None:
+        self.answers.prepare(items)
+
     def batch(self, items: list[Query]) -> TeacherBatch:
         labelled = self.answers(items)
         return self.teacher.batch(labelled, self.student_batch(labelled))
@@ -134,6 +163,9 @@ class Distill(Method):
             raise ValueError(f"distill: HiFICL options and init apply to student hificl, not {student!r}.")
         if student == "mimic" and draws > 1:
             raise ValueError("distill: a MimIC student aligns with one teacher context: draws must be 1.")
+        if selection == "retrieval" and draws > 1:
+            raise ValueError("distill: retrieved demonstrations are the same in every draw: an ensemble needs "
+                             "selection: random.")
         self.shots = integer(shots, "distill: shots")
         self.labelled = integer(labelled, "distill: labelled", allow_none=True) or self.shots
         if self.labelled < self.shots:
@@ -169,7 +201,7 @@ class Distill(Method):
 
         return METHODS.get(config.get("method", "hificl")).from_saved(config)  # the adapter's own method
 
-    def teachers(self, backbone, task, seeds) -> list[Teacher]:
+    def teachers(self, backbone, task, seeds, adapter: AdapterModel) -> list[Teacher]:
         """The teacher contexts: demonstrations from the `labelled` pool (the first `labelled` of the run's seeded
         shuffle of train: the pool k-shot ICL rows with ``pool_size: k`` use), one draw per ensemble member."""
         teachers = []
@@ -177,11 +209,11 @@ class Distill(Method):
             prompter = KShot(task, backbone, self.shots, self.selection, self.labelled, data_seed=seeds.data,
                              demos_seed=seeds.demos)
             prompter.draw = draw
-            teachers.append(Teacher(backbone, task, prompter))
+            teachers.append(Teacher(backbone, task, prompter, adapter=adapter))
         return teachers
 
     def build(self, backbone, task, seeds) -> Parts:
-        prompter, teachers = self.prompter(backbone, task, seeds), self.teachers(backbone, task, seeds)
+        prompter = self.prompter(backbone, task, seeds)
         if self.student == "live":
             adapter = LiveModel(backbone.model, LiveConfig(init_seed=seeds.init))
         elif self.student == "mimic":
@@ -191,9 +223,10 @@ class Distill(Method):
             if config.init_seed is None:
                 config = dataclasses.replace(config, init_seed=seeds.init)
             adapter = HiFICLModel(backbone.model, config)
-            if self.init == "demonstrations":
-                queries = [unlabelled(e) for e in task.subset("train", self.labelled + 4, seeds.data)[self.labelled:]]
-                initialise_from_demonstrations(adapter, backbone, teachers[0].prompter, task, queries)
+        teachers = self.teachers(backbone, task, seeds, adapter)
+        if self.init == "demonstrations":
+            queries = [unlabelled(e) for e in task.subset("train", self.labelled + 4, seeds.data)[self.labelled:]]
+            initialise_from_demonstrations(adapter, backbone, teachers[0], task, queries)
         answers = TeacherAnswers(backbone, task, teachers, adapter)
         if self.student == "mimic":
             objective = TeacherAnswerAlignment(backbone, task, prompter, answers, adapter.routing.mlps(), self.ce_weight)
@@ -208,17 +241,33 @@ class Distill(Method):
         return {e.id for e in task.subset("train", self.labelled, seeds.data)}
 
 
+def _demonstration_spans(teacher_ids: torch.Tensor, teacher_mask: torch.Tensor, student_ids: torch.Tensor,
+                         student_mask: torch.Tensor) -> list[tuple[int, int]]:
+    """Per row of right-padded teacher and student (query alone) encodings: (where the query's tokens start in the
+    teacher's sequence, where its real tokens end). The two end alike, so the tokens they share at the end are the
+    query's; what the teacher has before them is its demonstrations (and the instruction or system turn)."""
+    spans = []
+    for row in range(teacher_ids.shape[0]):
+        n_teacher, n_student = int(teacher_mask[row].sum()), int(student_mask[row].sum())
+        theirs, ours = teacher_ids[row, :n_teacher].tolist(), student_ids[row, :n_student].tolist()
+        shared = 0
+        while shared < min(n_teacher, n_student) and theirs[n_teacher - 1 - shared] == ours[n_student - 1 - shared]:
+            shared += 1
+        spans.append((n_teacher - shared, n_teacher))
+    return spans
+
+
 @torch.no_grad()
-def initialise_from_demonstrations(adapter: HiFICLModel, backbone, prompter: KShot, task, queries: list[Query]) -> None:
+def initialise_from_demonstrations(adapter: HiFICLModel, backbone, teacher: Teacher, task, queries: list[Query]) -> None:
     """Set each layer's virtual keys and values to the post-RoPE keys and values of the demonstration tokens its
     query heads attend to most (in the teacher's prompts of a few unlabelled queries), factorised to the
     adapter's rank by a truncated SVD, or kept as they are for full-rank factors."""
     from ..inspect import capture_attention
 
-    pool = queries
-    batch = backbone.encode([prompter.prompt(e) for e in pool], padding_side="right")
-    demo_lengths = [len(backbone.encode([prompter.prompt(e)[:-len(task.query_prompt(e))]])["input_ids"][0])
-                    for e in pool]
+    batch = backbone.encode(teacher.prompts(queries), padding_side="right")
+    alone = backbone.encode([task.query_prompt(q) for q in queries], padding_side="right")
+    spans = _demonstration_spans(batch["input_ids"], batch["attention_mask"], alone["input_ids"],
+                                 alone["attention_mask"])
     batch = {k: v.to(backbone.device) for k, v in batch.items()}
     with adapter.disable_adapter(), capture_attention(adapter) as captured:
         adapter(**batch)
@@ -235,8 +284,8 @@ def initialise_from_demonstrations(adapter: HiFICLModel, backbone, prompter: KSh
         keys, values = [], []
         for h in range(heads):
             attended = []  # (attention mass from the query's own tokens, row, position) of demonstration tokens
-            for row, demo_length in enumerate(demo_lengths):
-                mass = probs[row, h, demo_length:, :demo_length].sum(0)
+            for row, (demo_length, end) in enumerate(spans):
+                mass = probs[row, h, demo_length:end, :demo_length].sum(0)
                 attended += [(float(m), row, pos) for pos, m in enumerate(mass.tolist()) if pos > 0]  # no sink
             chosen = sorted(attended, reverse=True)[:n]
             chosen += chosen[: n - len(chosen)] if len(chosen) < n else []

@@ -62,7 +62,7 @@ class HiFICL(Method):
         prompter = self.prompter(backbone, task, seeds)
         if not self.teacher_weight:
             return Parts(prompter, adapter, adapter, AnswerLoss(backbone, task, prompter))
-        teacher = Teacher.with_shots(backbone, task, self.teacher_shots, seeds)
+        teacher = Teacher.with_shots(backbone, task, self.teacher_shots, seeds, adapter=adapter)
         objective = TeacherMLPAlignment(backbone, task, prompter, teacher, adapter.routing.mlps(),
                                         align_weight=self.teacher_weight, ce_weight=1.0)
         return Parts(prompter, adapter, adapter, objective)

@@ -115,7 +115,8 @@ class Live(Method):
     def build(self, backbone, task, seeds) -> Parts:
         adapter = LiveModel(backbone.model, LiveConfig(init_seed=seeds.init))
         prompter = self.prompter(backbone, task, seeds)
-        teacher = Teacher.with_shots(backbone, task, self.shots, seeds, resample=self.resample_demos)
+        teacher = Teacher.with_shots(backbone, task, self.shots, seeds, resample=self.resample_demos,
+                                     adapter=adapter)
         objective = TeacherKL(backbone, task, prompter, teacher, self.ce_weight, self.kl_weight, self.kl_positions)
         groups = [{"params": ["shifts.vectors"], "lr": self.vector_lr}, {"params": ["shifts.scales"], "lr": self.scale_lr}]
         return Parts(prompter, adapter, adapter, objective, groups)

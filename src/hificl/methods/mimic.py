@@ -165,7 +165,8 @@ class MimIC(Method):
     def build(self, backbone, task, seeds) -> Parts:
         adapter = MimicModel(backbone.model, MimicConfig(init_seed=seeds.init))
         prompter = self.prompter(backbone, task, seeds)
-        teacher = Teacher.with_shots(backbone, task, self.shots, seeds, resample=self.resample_demos)
+        teacher = Teacher.with_shots(backbone, task, self.shots, seeds, resample=self.resample_demos,
+                                     adapter=adapter)
         objective = TeacherMLPAlignment(backbone, task, prompter, teacher, adapter.routing.mlps(),
                                         align_weight=self.align_weight, ce_weight=self.ce_weight)
         return Parts(prompter, adapter, adapter, objective, [{"params": ["shifts.bias"], "weight_decay": 0.0}])
