@@ -5,7 +5,6 @@ only what they should, and it writes its folder atomically and checks its bars. 
 import random
 import re
 
-import pytest
 import torch
 
 from fixtures import needs_smollm2

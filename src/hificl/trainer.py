@@ -37,26 +37,20 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType, LoggerType, gather_object, send_to_device
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from .checkpoints import (EPOCH_PREFIX, STATE_FILE, STEP_PREFIX, Position, check_resumable,
+                          discard_checkpoints, list_checkpoints, read_checkpoint, write_checkpoint)
 from .core.validate import boolean, choice, integer, known_fields, number
-from .io import atomic_folder, atomic_write_json, remove_folder
+from .io import atomic_write_json, remove_folder
 
 logger = logging.getLogger(__name__)
-EPOCH_PREFIX = "epoch-"
-STEP_PREFIX = "step-"
-STATE_FILE = "trainer_state.json"
 TRACKERS = tuple(t.value for t in LoggerType)
 
 
 class NonFiniteLossError(ValueError):
     """The training loss became NaN or infinite."""
-
-
-class ResumeMismatchError(ValueError):
-    """A checkpoint in the output folder was written by a run with other settings."""
 
 
 class Objective(Protocol):
@@ -231,24 +225,6 @@ def _peak_memory_mb(device: torch.device) -> float:
         return 0.0
 
 
-def _full(tensor: torch.Tensor) -> torch.Tensor:
-    """A parameter's whole value on the CPU (sharded FSDP2 parameters are DTensors)."""
-    tensor = tensor.detach()
-    if hasattr(tensor, "full_tensor"):
-        tensor = tensor.full_tensor()
-    return tensor.cpu().contiguous()
-
-
-@dataclass
-class _Position:
-    """Where training stands: the next epoch and optimiser step within it, and that epoch's partial record."""
-
-    epoch: int = 1
-    step_in_epoch: int = 0
-    losses: list[float] = field(default_factory=list)
-    seconds: float = 0.0
-
-
 class Trainer:
     """Train the parameters of `model` that require gradients.
 
@@ -351,88 +327,30 @@ class Trainer:
         return {**self.fingerprint, "config": self.config.optimisation(), "seed": self.seed,
                 "examples": len(self.examples)}
 
-    def _save_checkpoint(self, name: str, position: _Position, result: TrainResult, artifact: bool) -> None:
-        """Write ``<name>/`` (main process only) through a temporary folder renamed into place."""
-        weights = {n: _full(p) for n, p in self.params.items()}
-        if not all(torch.isfinite(t).all() for t in weights.values()):
+    def _save_checkpoint(self, name: str, position: Position, result: TrainResult, artifact: bool) -> None:
+        """Write ``<name>/`` (main process only); never weights that are not finite."""
+        if not all(torch.isfinite(p).all() for p in self.params.values()):
             raise NonFiniteLossError(f"The trainable weights hold NaN or inf after step {result.steps}; nothing "
                                      "is saved from here on. Lower train.lr or train.max_grad_norm.")
         if self.accelerator.is_main_process:
-            with atomic_folder(self.output_dir / name) as tmp:
-                save_file(weights, str(tmp / "trainable.safetensors"))
-                state = self.optimizer.state_dict()
-                names = self._ordered_names
-                optimizer_tensors, optimizer_scalars = {}, {}
-                for index, slots in state["state"].items():
-                    for key, value in slots.items():
-                        if torch.is_tensor(value):
-                            optimizer_tensors[f"{names[index]}::{key}"] = _full(value)
-                        else:
-                            optimizer_scalars[f"{names[index]}::{key}"] = value
-                save_file(optimizer_tensors, str(tmp / "optimizer.safetensors"))
-                (tmp / STATE_FILE).write_text(json.dumps({
-                    **self._state(), "position": asdict(position), "result": result.to_dict(),
-                    "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in state["param_groups"]],
-                    "optimizer_scalars": optimizer_scalars, "scheduler": self.scheduler.state_dict(),
-                }, indent=2))
-                if artifact and self.save_artifact is not None:
-                    self.save_artifact(tmp / "artifact")
+            write_checkpoint(self.output_dir / name, self.params, self._ordered_names, self.optimizer, self.scheduler,
+                             {**self._state(), "position": asdict(position), "result": result.to_dict()},
+                             self.save_artifact if artifact else None)
         self.accelerator.wait_for_everyone()
 
-    def checkpoints(self) -> list[tuple[int, Path]]:
-        """The complete checkpoints in the output folder, as (optimiser steps done, folder), oldest first."""
-        found = []
-        for path in self.output_dir.glob("*-*"):
-            prefix = next((p for p in (EPOCH_PREFIX, STEP_PREFIX) if path.name.startswith(p)), None)
-            if prefix and path.name[len(prefix):].isdigit() and (path / STATE_FILE).is_file():
-                state = json.loads((path / STATE_FILE).read_text())
-                found.append((state["result"]["steps"], prefix == EPOCH_PREFIX, path))
-        return [(steps, path) for steps, _, path in sorted(found)]
-
     def latest_checkpoint(self) -> Path | None:
-        found = self.checkpoints()
+        found = list_checkpoints(self.output_dir)
         return found[-1][1] if found else None
 
-    def _check_resumable(self, path: Path, state: dict[str, Any]) -> None:
-        current = json.loads(json.dumps(self._state()))
-        saved = _leaves({k: state.get(k) for k in current})
-        current = _leaves(current)
-        changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-        if not changed:
-            return
-        details = "; ".join(f"{c}: {saved.get(c)!r} -> {current.get(c)!r}" for c in changed[:6])
-        raise ResumeMismatchError(
-            f"Cannot resume from {path}: the run's settings changed since it was written ({details}). Use another "
-            "output folder (--output-dir), or --restart to discard the checkpoints in this one and train from "
-            "scratch.")
-
-    def _load_checkpoint(self, path: Path) -> tuple[_Position, TrainResult]:
-        state = json.loads((path / STATE_FILE).read_text())
-        self._check_resumable(path, state)
-        weights = load_file(str(path / "trainable.safetensors"))
-        if set(weights) != set(self.params):
-            raise ResumeMismatchError(f"Cannot resume from {path}: it holds other trainable parameters than this "
-                                      "model. Use another output folder, or --restart.")
-        with torch.no_grad():
-            for name, param in self.params.items():
-                param.copy_(weights[name].to(param.dtype))
-        tensors = load_file(str(path / "optimizer.safetensors"))
-        names = self._ordered_names
-        optimizer_state: dict[int, dict[str, Any]] = {}
-        for key, value in list(tensors.items()) + list(state["optimizer_scalars"].items()):
-            name, slot = key.split("::")
-            optimizer_state.setdefault(names.index(name), {})[slot] = value
-        current_groups = self.optimizer.state_dict()["param_groups"]
-        groups = [dict(saved, params=now["params"]) for saved, now in zip(state["param_groups"], current_groups)]
-        self.optimizer.load_state_dict({"state": optimizer_state, "param_groups": groups})
-        self.scheduler.load_state_dict(state["scheduler"])
-        return _Position(**state["position"]), TrainResult(**state["result"])
+    def _load_checkpoint(self, path: Path) -> tuple[Position, TrainResult]:
+        check_resumable(path, json.loads((path / STATE_FILE).read_text()), self._state())
+        state = read_checkpoint(path, self.params, self._ordered_names, self.optimizer, self.scheduler)
+        return Position(**state["position"]), TrainResult(**state["result"])
 
     def discard_checkpoints(self) -> None:
-        """Remove this output folder's checkpoints (for ``--restart``); each goes away in one rename."""
+        """Remove this output folder's checkpoints (for ``--restart``)."""
         if self.accelerator.is_main_process:
-            for _, path in self.checkpoints():
-                remove_folder(path)
+            discard_checkpoints(self.output_dir)
         self.accelerator.wait_for_everyone()
 
     # ------------------------------------------------------------------------------------------- training
@@ -443,7 +361,7 @@ class Trainer:
             return self._train(resume, device)
 
     def _train(self, resume: bool, device: torch.device) -> TrainResult:
-        position, result = _Position(), TrainResult(processes=self.processes)
+        position, result = Position(), TrainResult(processes=self.processes)
         checkpoint = self.latest_checkpoint() if resume else None
         if checkpoint is not None:
             position, result = self._load_checkpoint(checkpoint)
@@ -465,7 +383,7 @@ class Trainer:
         try:
             for epoch in range(position.epoch, self.config.epochs + 1):
                 if position.epoch != epoch:
-                    position = _Position(epoch)
+                    position = Position(epoch)
                 self._run_epoch(position, result, device, bar)
         finally:
             bar.close()
@@ -482,7 +400,7 @@ class Trainer:
             atomic_write_json(self.output_dir / "train_result.json", result.to_dict())
         return result
 
-    def _run_epoch(self, position: _Position, result: TrainResult, device: torch.device, bar) -> None:
+    def _run_epoch(self, position: Position, result: TrainResult, device: torch.device, bar) -> None:
         epoch = position.epoch
         if hasattr(self.objective, "set_epoch"):
             self.objective.set_epoch(epoch)
@@ -535,10 +453,10 @@ class Trainer:
         if self.config.log_with:
             self.accelerator.log({k.replace("val_", "val/"): v for k, v in record.items()
                                   if k.startswith("val_") and isinstance(v, (int, float))}, step=result.steps)
-        self._save_checkpoint(f"{EPOCH_PREFIX}{epoch}", _Position(epoch + 1), result, artifact=True)
+        self._save_checkpoint(f"{EPOCH_PREFIX}{epoch}", Position(epoch + 1), result, artifact=True)
         self._remove_step_checkpoints()
 
-    def _save_step_checkpoint(self, position: _Position, result: TrainResult) -> None:
+    def _save_step_checkpoint(self, position: Position, result: TrainResult) -> None:
         """The latest mid-epoch checkpoint; the one before it is removed once this one is in place."""
         name = f"{STEP_PREFIX}{result.steps}"
         self._save_checkpoint(name, position, result, artifact=False)
@@ -547,7 +465,7 @@ class Trainer:
     def _remove_step_checkpoints(self, but: str | None = None) -> None:
         """Remove the mid-epoch checkpoints (main process) but `but`: a newer checkpoint supersedes them."""
         if self.accelerator.is_main_process:
-            for _, path in self.checkpoints():
+            for _, path in list_checkpoints(self.output_dir):
                 if path.name.startswith(STEP_PREFIX) and path.name != but:
                     remove_folder(path)
 
@@ -580,16 +498,6 @@ class Trainer:
 
     def checkpoint(self, epoch: int) -> Path:
         return self.output_dir / f"{EPOCH_PREFIX}{epoch}"
-
-
-def _leaves(data: Any, prefix: str = "") -> dict[str, Any]:
-    """A nested mapping as {dotted key: leaf value}."""
-    if not isinstance(data, dict):
-        return {prefix: data}
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        out.update(_leaves(value, f"{prefix}.{key}" if prefix else str(key)))
-    return out
 
 
 def _epoch_line(record: dict[str, Any]) -> str:

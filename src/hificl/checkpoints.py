@@ -1,0 +1,132 @@
+"""Training checkpoints: one folder per checkpoint -- the trainable weights, the optimiser's state by parameter name,
+the schedule, where training stands and the record so far, and the run's fingerprint -- written by the main
+process through one atomic folder swap; listed oldest first, checked against the current run before it is
+resumed (a mismatch names what changed), loaded, and discarded (``--restart``)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .io import atomic_folder, remove_folder
+
+EPOCH_PREFIX = "epoch-"
+STEP_PREFIX = "step-"
+STATE_FILE = "trainer_state.json"
+
+
+class ResumeMismatchError(ValueError):
+    """A checkpoint in the output folder was written by a run with other settings."""
+
+
+@dataclass
+class Position:
+    """Where training stands: the next epoch and optimiser step within it, and that epoch's partial record."""
+
+    epoch: int = 1
+    step_in_epoch: int = 0
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor's whole value on the CPU (a sharded DTensor gathered)."""
+    tensor = tensor.detach()
+    if hasattr(tensor, "full_tensor"):
+        tensor = tensor.full_tensor()
+    return tensor.cpu().contiguous()
+
+
+def write_checkpoint(folder: Path, params: dict[str, torch.Tensor], names: list[str], optimizer, scheduler,
+                     state: dict[str, Any], artifact: Callable[[Path], None] | None = None) -> None:
+    """Write a checkpoint folder in one swap: `params` by name, the optimiser's state keyed by the parameter
+    names in its order (`names`), the scheduler and `state` (JSON), and ``artifact(folder / "artifact")``."""
+    with atomic_folder(folder) as tmp:
+        save_file({n: full_tensor(p) for n, p in params.items()}, str(tmp / "trainable.safetensors"))
+        optimizer_state = optimizer.state_dict()
+        tensors, scalars = {}, {}
+        for index, slots in optimizer_state["state"].items():
+            for key, value in slots.items():
+                if torch.is_tensor(value):
+                    tensors[f"{names[index]}::{key}"] = full_tensor(value)
+                else:
+                    scalars[f"{names[index]}::{key}"] = value
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer_state["param_groups"]]
+        (tmp / STATE_FILE).write_text(json.dumps({**state, "param_groups": groups, "optimizer_scalars": scalars,
+                                                  "scheduler": scheduler.state_dict()}, indent=2))
+        if artifact is not None:
+            artifact(tmp / "artifact")
+
+
+def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
+    """The complete checkpoints in `folder`, as (optimiser steps done, path), oldest first (at equal steps an
+    epoch's checkpoint after a mid-epoch one)."""
+    found = []
+    for path in folder.glob("*-*"):
+        prefix = next((p for p in (EPOCH_PREFIX, STEP_PREFIX) if path.name.startswith(p)), None)
+        if prefix and path.name[len(prefix):].isdigit() and (path / STATE_FILE).is_file():
+            state = json.loads((path / STATE_FILE).read_text())
+            found.append((state["result"]["steps"], prefix == EPOCH_PREFIX, path))
+    return [(steps, path) for steps, _, path in sorted(found)]
+
+
+def _leaves(data: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as {dotted key: leaf value}."""
+    if not isinstance(data, dict):
+        return {prefix: data}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        out.update(_leaves(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def check_resumable(path: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
+    """Raise `ResumeMismatchError` naming every setting of `current` that the checkpoint's state `saved` differs in."""
+    current = json.loads(json.dumps(current))
+    before, now = _leaves({k: saved.get(k) for k in current}), _leaves(current)
+    changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    if changed:
+        details = "; ".join(f"{c}: {before.get(c)!r} -> {now.get(c)!r}" for c in changed[:6])
+        raise ResumeMismatchError(
+            f"Cannot resume from {path}: the run's settings changed since it was written ({details}). Use another "
+            "output folder (--output-dir), or --restart to discard the checkpoints in this one and train from "
+            "scratch.")
+
+
+def read_checkpoint(path: Path, params: dict[str, torch.nn.Parameter], names: list[str], optimizer,
+                    scheduler) -> dict[str, Any]:
+    """Restore `params`, the optimiser and the scheduler from a checkpoint; returns its JSON state."""
+    state = json.loads((path / STATE_FILE).read_text())
+    weights = load_file(str(path / "trainable.safetensors"))
+    if set(weights) != set(params):
+        raise ResumeMismatchError(f"Cannot resume from {path}: it holds other trainable parameters than this "
+                                  "model. Use another output folder, or --restart.")
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(weights[name].to(param.dtype))
+    tensors = load_file(str(path / "optimizer.safetensors"))
+    optimizer_state: dict[int, dict[str, Any]] = {}
+    for key, value in list(tensors.items()) + list(state["optimizer_scalars"].items()):
+        name, slot = key.split("::")
+        optimizer_state.setdefault(names.index(name), {})[slot] = value
+    current = optimizer.state_dict()["param_groups"]
+    groups = [dict(saved, params=now["params"]) for saved, now in zip(state["param_groups"], current)]
+    optimizer.load_state_dict({"state": optimizer_state, "param_groups": groups})
+    scheduler.load_state_dict(state["scheduler"])
+    return state
+
+
+def discard_checkpoints(folder: Path) -> None:
+    """Remove the checkpoints in `folder`, each in one rename."""
+    for _, path in list_checkpoints(folder):
+        remove_folder(path)
+
+
+__all__ = ["EPOCH_PREFIX", "STEP_PREFIX", "Position", "ResumeMismatchError", "check_resumable", "discard_checkpoints",
+           "full_tensor", "list_checkpoints", "read_checkpoint", "write_checkpoint"]
