@@ -173,3 +173,19 @@ def test_gradient_checkpointing_gives_the_same_gradients(setting, name):
     for key in grads[0]:
         torch.testing.assert_close(grads[1][key], grads[0][key], rtol=1e-5, atol=1e-7)
     parts.close()
+
+
+def test_any_saved_adapter_loads_in_a_fresh_process(setting, tmp_path):
+    """load_adapter_model knows every built-in method without the caller importing hificl.methods first."""
+    import subprocess
+    import sys
+
+    adapter, _ = _adapted(setting, "mimic")
+    adapter.save_pretrained(tmp_path)
+    adapter.unload()
+    script = ("import sys; from transformers import AutoModelForImageTextToText; "
+              "from hificl.adapters import load_adapter_model; "
+              f"m = load_adapter_model(AutoModelForImageTextToText.from_pretrained(sys.argv[1]), sys.argv[2]); "
+              "print(type(m).__name__)")
+    out = subprocess.run([sys.executable, "-c", script, setting[0].name, str(tmp_path)], capture_output=True, text=True)
+    assert out.stdout.strip() == "MimicModel", out.stderr[-2000:]
