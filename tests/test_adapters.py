@@ -189,3 +189,37 @@ def test_any_saved_adapter_loads_in_a_fresh_process(setting, tmp_path):
               "print(type(m).__name__)")
     out = subprocess.run([sys.executable, "-c", script, setting[0].name, str(tmp_path)], capture_output=True, text=True)
     assert out.stdout.strip() == "MimicModel", out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_left_padded_generation_equals_each_row_alone(setting, name, tmp_path):
+    """Prompts of different lengths, left-padded as the evaluator batches them: every adapter method generates
+    for each row what it generates for that row alone, with finite scores (a query position that sees no real
+    key -- padding -- must not turn into NaN and spread through the values)."""
+    from fixtures import write_colour_task
+    from hificl.tasks import get_task
+
+    backbone, _, _ = setting
+    files = write_colour_task(tmp_path / "task")
+    task = get_task("jsonl", train=files["train"], test=files["test"])
+    examples = task.splits["test"][:3]
+    prompts = [task.query_prompt(e) for e in examples]
+    prompts[1] = prompts[1][:-1] + ["Which colour fills this square, please?\nAnswer:"]  # a longer prompt
+    adapter, _ = _adapted(setting, name)
+    adapter.eval()
+
+    def generate(batch):
+        with torch.no_grad():
+            out = adapter.generate(**batch, max_new_tokens=4, do_sample=False, output_scores=True,
+                                   return_dict_in_generate=True, pad_token_id=backbone.pad_token_id)
+        return out.sequences[:, batch["input_ids"].shape[1]:], torch.stack(out.scores, 1)
+
+    batch = backbone.encode(prompts, padding_side="left")
+    assert (batch["attention_mask"] == 0).any(), "the batch is padded"
+    tokens, scores = generate(batch)
+    assert torch.isfinite(scores).all()
+    for row, prompt in enumerate(prompts):
+        alone_tokens, alone_scores = generate(backbone.encode([prompt], padding_side="left"))
+        assert torch.equal(tokens[row], alone_tokens[0])
+        torch.testing.assert_close(scores[row], alone_scores[0], rtol=1e-4, atol=1e-4)
+    adapter.unload()

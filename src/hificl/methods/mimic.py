@@ -72,7 +72,8 @@ def mimic_attention_forward(module, query, key, value, attention_mask, dropout=0
         dropout, scale, is_causal,
     )
     real_mass, mu = out[..., dim:dim + 1], out[..., dim + 1:dim + 2]
-    shifted = out[..., :dim] / real_mass + mu * shift
+    # a query that sees no real key (left padding) has no real mass: its SA is 0, as the backend gives it, not 0/0
+    shifted = out[..., :dim] / real_mass.clamp_min(torch.finfo(real_mass.dtype).tiny) + mu * shift
     return (shifted if rows is True else torch.where(rows[:, None, None, None], shifted, plain())), None
 
 
