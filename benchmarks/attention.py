@@ -5,9 +5,10 @@ head dim 64), causal, unpadded, 8 virtual pairs of rank 8 with gradients:
 
 * base        -- transformers' SDPA integration alone (what the frozen model runs: grouped heads read natively
                  when there is no mask);
-* exact       -- hificl's registered attention, normalizer "exact" (the split-KV merge where a kernel applies);
-* concat      -- hificl's concatenation path ([K_v; K] with the keys expanded to the query heads and dummy
-                 queries; the fallback, and the fast path before the merge);
+* exact       -- hificl's registered attention, normalizer "exact", as it runs on this device (CUDA: the split-KV
+                 merge; CPU: the concatenation, which is faster there);
+* split       -- the split-KV merge (the backend's kernel over the real keys, no K/V copies, merged exactly);
+* concat      -- the concatenation path ([K_v; K] with the keys expanded to the query heads and dummy queries);
 * authors     -- the authors' materialised formulation (normalizer "unmasked": an extra full T x T score matrix
                  for the normaliser, kept for backward);
 * concat+mask -- [K_v; K] concatenated with an explicit boolean mask (the obvious alternative).
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
 from hificl.core import PROVIDER_ATTR, Formula, HiFICLConfig, VirtualKV, VirtualPairs, hificl_attention_forward
+import hificl.core.prefix as prefix
 from hificl.core.prefix import _concatenated
 
 
@@ -97,6 +99,17 @@ def measure(variants: dict, inputs, repeats: int, device: str) -> dict[str, tupl
     return {name: (statistics.median(times[name]),) + memory[name] for name in variants}
 
 
+def split(fn):
+    """`fn` with the split-KV merge chosen on this device."""
+    def run(*args):
+        before, prefix.SPLIT_DEVICES = prefix.SPLIT_DEVICES, prefix.SPLIT_DEVICES | {args[0].device.type}
+        try:
+            return fn(*args)
+        finally:
+            prefix.SPLIT_DEVICES = before
+    return run
+
+
 def run(args) -> list[dict]:
     torch.manual_seed(0)
     if args.threads:
@@ -119,6 +132,7 @@ def run(args) -> list[dict]:
         variants = {
             "base": lambda q, k, v: sdpa_attention_forward(module, q, k, v, None)[0],
             "exact": with_formula(Formula.EXACT),
+            "split": split(with_formula(Formula.EXACT)),
             "concat": lambda q, k, v: _concatenated(module, q, k, v, None, *(x.to(q.dtype).expand(q.shape[0], -1, -1, -1)
                                                                             for x in virtual(q.dtype)),
                                                     0.0, q.shape[-1] ** -0.5, True),

@@ -121,12 +121,18 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--split", action="store_true",
+                        help="HiFICL through the split-KV merge on this device (the default on CUDA only)")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args()
     if args.llama3_8b or args.device == "cuda":
         args.hidden, args.heads, args.kv_heads, args.head_dim, args.intermediate = 4096, 32, 8, 128, 14336
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.split:
+        import hificl.core.prefix as prefix
+
+        prefix.SPLIT_DEVICES.add(torch.device(args.device).type)
     model = build(args)
     models = variants(model, args)
     rows = []
@@ -183,7 +189,8 @@ def main() -> None:
         rows.append(row)
 
     print(f"Llama decoder, {args.layers} layers, hidden {args.hidden}, {args.heads} heads ({args.kv_heads} KV) x "
-          f"{args.head_dim}, MLP {args.intermediate}; {args.device} {args.dtype}, median of {args.repeats}")
+          f"{args.head_dim}, MLP {args.intermediate}; {args.device} {args.dtype}, median of {args.repeats}"
+          + ("; HiFICL through the split-KV merge" if args.split else ""))
     print(f"{'T':>6} {'batch':>5} {'measurement':<32} {'variant':<7} {'seconds':>9} {'x base':>7} {'extra MiB':>10}")
     for row in rows:
         for key in ("forward", "train", "train (gradient checkpointing)", "decode"):

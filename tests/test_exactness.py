@@ -63,12 +63,18 @@ def test_reference_attention_has_no_virtual_term_when_disabled():
         assert rel_err(got, want) < 1e-5
 
 
+@pytest.mark.parametrize("path", ["default", "split"])
 @pytest.mark.parametrize("padding", [None, "left", "right"])
 @pytest.mark.parametrize("options", [{"normalizer": "exact"}, {"fixed_alpha": True}], ids=str)
-def test_adapter_gradients_equal_float64_reference(case, padding, options):
-    """The gradients of every adapter parameter through the fast path (the split-KV merge on this CPU) equal those
-    of a float64 copy run with the reference attention."""
+def test_adapter_gradients_equal_float64_reference(case, padding, options, path, monkeypatch):
+    """The gradients of every adapter parameter through the fast path -- the device's default (the concatenation
+    on a CPU) and the split-KV merge -- equal those of a float64 copy run with the reference attention."""
     import copy
+
+    import hificl.core.prefix as prefix
+
+    if path == "split":
+        monkeypatch.setattr(prefix, "SPLIT_DEVICES", {"cuda", "cpu"})
 
     model = attach(case, **options)
     inputs = padded_inputs(case, batch_size=2, seq_len=16, padding=padding)

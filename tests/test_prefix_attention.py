@@ -13,6 +13,12 @@ from hificl.core.prefix import attend_with_prefix
 B, H, N, D = 2, 4, 3, 16
 
 
+@pytest.fixture(autouse=True)
+def _split_merge_on_the_cpu(monkeypatch):
+    """The merge is the default on CUDA; these tests run it on the CPU."""
+    monkeypatch.setattr(prefix, "SPLIT_DEVICES", {"cuda", "cpu"})
+
+
 def _reference(q, k, v, mask, pk, pv, scale):
     """float64 softmax over [prefix; keys] with the real keys masked; mask: bool [b, 1, q, k] or None (causal,
     aligned to the end of the keys)."""
@@ -144,6 +150,9 @@ def test_no_copy_of_the_keys_or_values_is_kept_for_backward():
 
 def test_the_concatenation_path_runs_where_no_kernel_applies(monkeypatch):
     (q, k, v), mask, (pk, pv) = _case("left")
+    monkeypatch.setattr(prefix, "SPLIT_DEVICES", {"cuda"})
+    assert prefix._split_kernel(q, k, v, mask, pv, 0.0) is None, "a device not chosen for the merge"
+    monkeypatch.setattr(prefix, "SPLIT_DEVICES", {"cuda", "cpu"})
     assert prefix._split_kernel(q, k, v, mask, pv, dropout=0.1) is None, "dropout"
     wide = torch.cat([pv, pv[..., :1]], -1)
     assert prefix._split_kernel(q, k, torch.cat([v, v[..., :1]], -1), mask, wide, 0.0) is None, "value dims differ"
