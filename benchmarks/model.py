@@ -153,7 +153,7 @@ def main() -> None:
 
             def run():
                 if checkpointing:
-                    m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                    m.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
                 m.train()
                 if optimizer is None:  # the frozen model's own backward
                     embeds = m.get_input_embeddings()(ids).detach().requires_grad_(True)
@@ -166,7 +166,7 @@ def main() -> None:
                     optimizer.zero_grad(set_to_none=True)
                 m.eval()
                 if checkpointing:
-                    m.gradient_checkpointing_disable()
+                    m.activation_checkpointing_disable()
             return run
 
         def decode(m):

@@ -158,7 +158,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(setting, name):
     grads = []
     for checkpointing in (False, True):
         if checkpointing:
-            parts.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            parts.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         parts.model.train()
         parts.model.zero_grad(set_to_none=True)
         calls.clear()
@@ -168,7 +168,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(setting, name):
         student_calls = len(calls) - (1 if name in ("live", "mimic") else 0)  # the teacher's forward runs once
         assert student_calls == (2 if checkpointing else 1), "checkpointing recomputes the layer in backward"
     handle.remove()
-    parts.model.gradient_checkpointing_disable()
+    parts.model.activation_checkpointing_disable()
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for key in grads[0]:
         torch.testing.assert_close(grads[1][key], grads[0][key], rtol=1e-5, atol=1e-7)

@@ -48,7 +48,11 @@ def test_compare_runs_train_eval_report_end_to_end(workspace, tmp_path):
     assert hificl_row["trainable_params"] > 0 and hificl_row["train_steps"] == 2 * 3  # 20 examples: 5 batches of 4, 3 steps of 2
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["rows"][0]["method"] == "zero-shot" and saved["num_test"] == 8
-    assert (tmp_path / "results.md").read_text().startswith("**")
+    table = (tmp_path / "results.md").read_text()
+    assert table.startswith("**")
+    lines = [line.strip("|").split("|") for line in table.splitlines() if line.startswith("|")]
+    header, cells = [c.strip() for c in lines[0]], {line[0].strip(): [c.strip() for c in line] for line in lines[2:]}
+    assert cells["HiFICL"][header.index("labelled")] == "20" and cells["zero-shot"][header.index("labelled")] == "0"
     assert (tmp_path / "accuracy.png").stat().st_size > 0 and (tmp_path / "data_efficiency.png").stat().st_size > 0
     predictions = (tmp_path / "zero-shot" / "predictions.jsonl").read_text().splitlines()
     assert len(predictions) == 8 and {"prediction", "answers", "score"} <= set(json.loads(predictions[0]))
@@ -77,6 +81,24 @@ def _trainer(workspace, out, epochs=2, seed=5, mixed_precision="no"):
     config = TrainConfig(epochs=epochs, batch_size=5, grad_accum=2, lr=0.05, mixed_precision=mixed_precision)
     return Trainer(parts.model, parts.objective, task.splits["train"], config, out, seed=seed,
                    save_artifact=parts.adapter.save_pretrained, progress=False), parts
+
+
+@pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED"])
+def test_sharded_training_is_refused_with_how_to_launch(workspace, tmp_path, monkeypatch, kind):
+    from accelerate.utils import DistributedType
+
+    import hificl.trainer as trainer_module
+
+    real = trainer_module.accelerator_for
+
+    def sharded(*args, **kwargs):
+        accelerator = real(*args, **kwargs)
+        monkeypatch.setattr(type(accelerator), "distributed_type", property(lambda self: DistributedType[kind]))
+        return accelerator
+
+    monkeypatch.setattr(trainer_module, "accelerator_for", sharded)
+    with pytest.raises(ValueError, match="plain DDP"):
+        _trainer(workspace, tmp_path)
 
 
 def test_resume_after_an_interruption_gives_the_same_adapter(workspace, tmp_path):

@@ -4,6 +4,8 @@ head of a frozen Hugging Face model."""
 from .core import AdapterMismatchError, HiFICLConfig, HiFICLConfigError, UnsupportedModelError
 from .model import HiFICLModel, get_hificl_model
 
+from . import methods  # noqa: F401 -- registers the built-in methods and their adapter models (PEFT's tuners do too)
+
 __version__ = "0.1.0"
 
 __all__ = [

@@ -383,8 +383,6 @@ def register_adapter(cls: type[AdapterModel]) -> type[AdapterModel]:
 
 def saved_method(model_dir: str | os.PathLike) -> tuple[str, dict[str, Any]]:
     """The method of a saved adapter folder and its config (as saved)."""
-    from . import methods  # noqa: F401 -- registers the built-in adapter models
-
     data = read_adapter_config(model_dir)
     method = data.get("method", "lora" if data.get("peft_type") == "LORA" else None)
     if method not in ADAPTERS:

@@ -105,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"output_dir={args.output_dir}")
     if args.no_progress:
         overrides.append("progress=false")
+    if args.no_progress or not main_process:  # transformers' own bars too (weight loading)
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
     try:
         config = load_run_config(args.config, overrides)
     except (ValueError, FileNotFoundError) as error:

@@ -19,8 +19,8 @@ COLUMNS = [
     ("std", "± seeds", None),
     ("ci", "95% CI", None),
     ("seeds", "seeds", None),
-    ("labelled_examples", "labelled", "{:,}"),
-    ("unlabelled_examples", "unlabelled", "{:,}"),
+    ("labelled_examples", "labelled", "{:,.0f}"),  # means over seeds of a count (ICL: distinct demonstrations)
+    ("unlabelled_examples", "unlabelled", "{:,.0f}"),
     ("trainable_params", "params", "{:,}"),
     ("adapter_params", "adapter params", "{:,}"),
     ("train_seconds", "train time", "{:.0f} s"),
@@ -109,8 +109,9 @@ def _plots(results: dict[str, Any], folder: Path) -> list[Path]:
     errors = [[h - metric.scale((interval(r) or (score_of(r),) * 2)[0]) for h, r in zip(heights, rows)],
               [metric.scale((interval(r) or (score_of(r),) * 2)[1]) - h for h, r in zip(heights, rows)]]
     bars = axis.bar(range(len(rows)), heights, yerr=errors, capsize=3, color="#4c72b0", ecolor="#333333")
-    for bar, row in zip(bars, rows):
-        axis.annotate(f"{metric.scale(score_of(row)):.1f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+    for bar, row, above in zip(bars, rows, errors[1]):  # the value above its error bar
+        axis.annotate(f"{metric.scale(score_of(row)):.1f}", (bar.get_x() + bar.get_width() / 2,
+                      bar.get_height() + above), xytext=(0, 2), textcoords="offset points",
                       ha="center", va="bottom", fontsize=8)
     axis.set_xticks(range(len(rows)), labels, fontsize=8)
     axis.set_ylabel(f"test {metric.title}{unit}")
@@ -120,8 +121,12 @@ def _plots(results: dict[str, Any], folder: Path) -> list[Path]:
     atomic_write(written[-1], lambda tmp: figure.savefig(tmp, dpi=120, format="png"))
     plt.close(figure)
 
-    points = results.get("data_efficiency") or []
+    points = list(results.get("data_efficiency") or [])
     if points:
+        trained = next((r for r in rows if r["method"] == points[0]["method"]), None)
+        if trained is not None and results.get("num_train") not in {p["samples"] for p in points}:
+            points.append({"samples": results["num_train"], "score": score_of(trained), "spread": trained.get("spread")})
+            points.sort(key=lambda p: p["samples"])  # the main table's run is the curve's last point
         figure, axis = plt.subplots(figsize=(6, 4))
         means = [metric.scale(p["score"]) for p in points]
         bounds = [interval(p) or (p["score"], p["score"]) for p in points]
@@ -135,6 +140,8 @@ def _plots(results: dict[str, Any], folder: Path) -> list[Path]:
                 axis.annotate(row["method"], (points[-1]["samples"], metric.scale(score_of(row))), fontsize=7,
                               ha="right", va="bottom", color="gray")
         axis.set_xscale("log")
+        axis.set_xticks([p["samples"] for p in points], [str(p["samples"]) for p in points])
+        axis.minorticks_off()
         axis.set_xlabel("training samples")
         axis.set_ylabel(f"test {metric.title}{unit}")
         axis.set_title("score vs training samples (dashed: in-context learning)")

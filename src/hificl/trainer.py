@@ -372,7 +372,7 @@ class Trainer:
         if self.config.log_with:
             self.accelerator.init_trackers("hificl", config=self.config.optimisation())
         if self.config.gradient_checkpointing:
-            self.unwrapped.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.unwrapped.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(self.objective, "prepare"):  # work on every training item before the first batch
             self.objective.prepare(self.examples)
         _reset_peak_memory(device)
@@ -388,7 +388,7 @@ class Trainer:
         finally:
             bar.close()
             if self.config.gradient_checkpointing:
-                self.unwrapped.gradient_checkpointing_disable()
+                self.unwrapped.activation_checkpointing_disable()
             self.model.eval()
         if self.config.log_with:
             self.accelerator.end_training()
