@@ -14,8 +14,8 @@ gradients follow from the same normalised probabilities. Autograd keeps only wha
 keys, values, the output and the log-sum-exp), plus the prefix.
 
 The merge runs on the devices in `SPLIT_DEVICES` (CUDA, where the copies of the concatenation cost more than the
-attention itself); on a CPU the concatenation is faster (measured: 0.91-1.05x the base's time against the
-merge's 1.03-1.18x at T = 512-4096) and runs by default, the merge being a choice (`SPLIT_DEVICES.add("cpu")`,
+attention itself); on a CPU the concatenation is faster (measured over two runs: 0.90-1.05x the base's time
+against the merge's 1.03-1.18x at T = 512-4096) and runs by default, the merge being a choice (`SPLIT_DEVICES.add("cpu")`,
 as the tests do). The kernels are private aten ops (CPU flash attention; on CUDA the flash and memory-efficient
 kernels), which can change between torch versions, so each is checked once per process, device, dtype and mask
 kind against the concatenation path on a small random case (forward and backward) before it is used. When no

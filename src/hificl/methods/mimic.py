@@ -5,9 +5,10 @@ with ``log Z1_hat = w_h . q + b_h`` (``w_h ~ N(0, 0.02^2)``, ``b_h = 0``, as in 
 ``Z2 = sum_j exp(q.k_j / sqrt(d))`` over the keys the query may see (causal and padding masks applied; ``q`` is the
 post-RoPE query). Head output: ``SA(q, K, V) + mu * v_h``. Loss: layer-wise MSE between the student's MLP outputs
 (query alone, with shifts) and the k-shot teacher's at the aligned query+answer positions -- never a sequence-
-initial token, as in the original -- plus 0.5 CE on the answer. As in the original: the teacher's demonstrations
-are drawn anew every epoch (`resample_demos`), and biases get no weight decay. Deviations, each stated in the
-README: Z2 is masked like the attention it normalises (the original's runs over all keys), and the CE covers the
+initial token, as in the original -- plus 0.5 CE on the answer. Every occurrence of a query gets a fresh draw of
+the teacher's demonstrations (`resample_demos`: every epoch, seeded by it; the original draws every step, which
+gives each occurrence a fresh draw too), and biases get no weight decay, as in the original. Deviations, each
+stated in the README: Z2 is masked like the attention it normalises (the original's runs over all keys), and the CE covers the
 answer tokens only (the MimIC repository's covers the whole sequence; the HiFICL authors' forks, answer only).
 
 Exact and fused: ``mu`` and ``SA`` come out of ONE SDPA call over an extra always-visible key
