@@ -343,7 +343,8 @@ class AdapterModel(nn.Module):
             tensor.requires_grad_(trainable)
 
     def delete_adapter(self, adapter_name: str) -> None:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} holds a single adapter and cannot delete it; "
+                                  "use unload() to restore the base model.")
 
     @classmethod
     def from_pretrained(cls, base_model: PreTrainedModel, model_dir: str | os.PathLike,

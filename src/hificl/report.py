@@ -125,7 +125,8 @@ def _plots(results: dict[str, Any], folder: Path) -> list[Path]:
     if points:
         trained = next((r for r in rows if r["method"] == points[0]["method"]), None)
         if trained is not None and results.get("num_train") not in {p["samples"] for p in points}:
-            points.append({"samples": results["num_train"], "score": score_of(trained), "spread": trained.get("spread")})
+            points.append({"samples": results["num_train"], "score": score_of(trained),
+                           "spread": trained.get("spread")})
             points.sort(key=lambda p: p["samples"])  # the main table's run is the curve's last point
         figure, axis = plt.subplots(figsize=(6, 4))
         means = [metric.scale(p["score"]) for p in points]

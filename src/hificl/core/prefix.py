@@ -15,14 +15,14 @@ keys, values, the output and the log-sum-exp), plus the prefix.
 
 The merge runs on the devices in `SPLIT_DEVICES` (CUDA, where the copies of the concatenation cost more than the
 attention itself); on a CPU the concatenation is faster (measured over two runs: 0.90-1.05x the base's time
-against the merge's 1.03-1.18x at T = 512-4096) and runs by default, the merge being a choice (`SPLIT_DEVICES.add("cpu")`,
-as the tests do). The kernels are private aten ops (CPU flash attention; on CUDA the flash and memory-efficient
-kernels), which can change between torch versions, so each is checked once per process, device, dtype and mask
-kind against the concatenation path on a small random case (forward and backward) before it is used. When no
-kernel applies or passes -- dropout, value dims that differ from the query's, a kernel that refuses the inputs --
-the concatenation path runs: it prepends the prefix to the (expanded) real keys and keeps SDPA's fused kernel, with ``n`` dummy
-queries for unpadded causal batches (so SDPA's top-left ``is_causal`` does the masking, no ``T x T`` tensor) or
-``n`` always-visible mask columns otherwise. Decoding (one query per row) uses grouped-query math that reads the
+against the merge's 1.03-1.18x at T = 512-4096) and runs by default, the merge being a choice
+(`SPLIT_DEVICES.add("cpu")`, as the tests do). The kernels are private aten ops (CPU flash attention; on CUDA the
+flash and memory-efficient kernels), which can change between torch versions, so each is checked once per
+process, device, dtype and mask kind against the concatenation path on a small random case (forward and
+backward) before it is used. When no kernel applies or passes -- dropout, value dims that differ from the
+query's, a kernel that refuses the inputs -- the concatenation path runs: it prepends the prefix to the
+(expanded) real keys and keeps SDPA's fused kernel, with ``n`` dummy queries for unpadded causal batches (so
+SDPA's top-left ``is_causal`` does the masking, no ``T x T`` tensor) or ``n`` always-visible mask columns otherwise. Decoding (one query per row) uses grouped-query math that reads the
 KV cache once.
 """
 

@@ -8,8 +8,8 @@ post-RoPE query). Head output: ``SA(q, K, V) + mu * v_h``. Loss: layer-wise MSE 
 initial token, as in the original -- plus 0.5 CE on the answer. Every occurrence of a query gets a fresh draw of
 the teacher's demonstrations (`resample_demos`: every epoch, seeded by it; the original draws every step, which
 gives each occurrence a fresh draw too), and biases get no weight decay, as in the original. Deviations, each
-stated in the README: Z2 is masked like the attention it normalises (the original's runs over all keys), and the CE covers the
-answer tokens only (the MimIC repository's covers the whole sequence; the HiFICL authors' forks, answer only).
+stated in the README: Z2 is masked like the attention it normalises (the original's runs over all keys), and the
+CE covers the answer tokens only (the MimIC repository's covers the whole sequence; the HiFICL authors' forks, answer only).
 
 Exact and fused: ``mu`` and ``SA`` come out of ONE SDPA call over an extra always-visible key
 (`hificl.core.attend_with_prefix`). With the query augmented by a constant-1 channel, the key
