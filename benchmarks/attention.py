@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
-from hificl.core import PROVIDER_ATTR, Formula, HiFICLConfig, VirtualKV, VirtualPairs, hificl_attention_forward
-import hificl.core.prefix as prefix
+from hificl import HiFICLConfig
+from hificl.core import PROVIDER_ATTR, Formula, VirtualKV, VirtualPairs, hificl_attention_forward
 from hificl.core.prefix import _concatenated
 
 
@@ -99,17 +99,6 @@ def measure(variants: dict, inputs, repeats: int, device: str) -> dict[str, tupl
     return {name: (statistics.median(times[name]),) + memory[name] for name in variants}
 
 
-def split(fn):
-    """`fn` with the split-KV merge chosen on this device."""
-    def run(*args):
-        before, prefix.SPLIT_DEVICES = prefix.SPLIT_DEVICES, prefix.SPLIT_DEVICES | {args[0].device.type}
-        try:
-            return fn(*args)
-        finally:
-            prefix.SPLIT_DEVICES = before
-    return run
-
-
 def run(args) -> list[dict]:
     torch.manual_seed(0)
     if args.threads:
@@ -123,16 +112,16 @@ def run(args) -> list[dict]:
         shape_q, shape_kv = (1, args.heads, t, args.head_dim), (1, args.kv_heads, t, args.head_dim)
         inputs = [torch.randn(s, device=args.device, dtype=dtype) for s in (shape_q, shape_kv, shape_kv)]
 
-        def with_formula(formula):
+        def with_formula(formula, path="auto"):
             def fn(q, k, v):
-                setattr(module, PROVIDER_ATTR, lambda b, dt: VirtualPairs(*virtual(dt), formula))
+                setattr(module, PROVIDER_ATTR, lambda b, dt: VirtualPairs(*virtual(dt), formula, path))
                 return hificl_attention_forward(module, q, k, v, None)[0]
             return fn
 
         variants = {
             "base": lambda q, k, v: sdpa_attention_forward(module, q, k, v, None)[0],
             "exact": with_formula(Formula.EXACT),
-            "split": split(with_formula(Formula.EXACT)),
+            "split": with_formula(Formula.EXACT, "split"),
             "concat": lambda q, k, v: _concatenated(module, q, k, v, None, *(x.to(q.dtype).expand(q.shape[0], -1, -1, -1)
                                                                             for x in virtual(q.dtype)),
                                                     0.0, q.shape[-1] ** -0.5, True),

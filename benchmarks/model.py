@@ -76,7 +76,8 @@ def variants(model, args):
 
     base = model
     hificl = get_hificl_model(copy.deepcopy(model), HiFICLConfig(num_virtual_tokens=8, rank=8, init_seed=0,
-                                                                 value_b_std=0.01))
+                                                                 value_b_std=0.01,
+                                                                 attention_path="split" if args.split else "auto"))
     lora = get_peft_model(copy.deepcopy(model), LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj",
                                                                                                "v_proj", "o_proj"]))
     for variant in (hificl, lora):
@@ -129,10 +130,6 @@ def main() -> None:
         args.hidden, args.heads, args.kv_heads, args.head_dim, args.intermediate = 4096, 32, 8, 128, 14336
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.split:
-        import hificl.core.prefix as prefix
-
-        prefix.SPLIT_DEVICES.add(torch.device(args.device).type)
     model = build(args)
     models = variants(model, args)
     rows = []

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
-import hificl.adapters as hificl_adapters
+import peft.peft_model
 from hificl import (AdapterMismatchError, HiFICLConfig, HiFICLConfigError, HiFICLModel, UnsupportedModelError,
                     get_hificl_model)
 from fixtures import attach, build, padded_inputs, real_rows, rel_err
@@ -35,7 +35,7 @@ def test_disable_adapter_equals_untouched_base(llama):
 def test_only_adapter_parameters_are_trainable_and_count_matches_the_paper(llama):
     model = attach(llama)
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
-    assert trainable and all(name.startswith("adapters.default.") for name in trainable)
+    assert trainable and all(".self_attn.hificl.virtual_kv.default." in name for name in trainable)
     shape = model.shape
     n, r = 8, 8
     expected = shape.num_layers * shape.num_query_heads * 2 * (n * r + r * shape.head_dim)
@@ -72,7 +72,7 @@ def test_gradients_reach_only_the_adapter_and_training_lowers_the_loss(llama):
         loss = model(**inputs, labels=labels).loss
         optimizer.zero_grad()
         loss.backward()
-        assert all(p.grad is None for p in model.base_model.parameters())
+        assert all(p.grad is None for n, p in model.base_model.named_parameters() if ".hificl." not in n)
         grads = [p.grad for p in model.adapters["default"].parameters()]
         assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0  # V_A's is 0 while V_B = 0
         optimizer.step()
@@ -114,9 +114,10 @@ def test_save_load_round_trip_is_bit_identical(llama, tmp_path):
     model = attach(llama)
     inputs = padded_inputs(llama, batch_size=2, seq_len=10, padding="left")
     model.save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert saved["base_model"]["num_layers"] == model.shape.num_layers and saved["rank"] == 8
+    assert saved["peft_type"] == "HIFICL" and saved["rank"] == 8
+    assert saved["model_shape"]["num_layers"] == model.shape.num_layers
     loaded = HiFICLModel.from_pretrained(copy.deepcopy(llama.model), tmp_path)
     assert not any(p.requires_grad for p in loaded.parameters())
     with torch.no_grad():
@@ -160,13 +161,13 @@ def test_an_interrupted_save_keeps_the_previous_adapter(llama, tmp_path, monkeyp
             handle.write(b"half a file")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(hificl_adapters, "save_file", broken_save)
+    monkeypatch.setattr(peft.peft_model, "safe_save_file", broken_save)
     with torch.no_grad():
         model.adapters["default"].layers["0"].v_b.add_(1.0)
     with pytest.raises(KeyboardInterrupt):
         model.save_pretrained(tmp_path)
     assert (tmp_path / "adapter_model.safetensors").read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
 
 
 def test_several_named_adapters(llama, tmp_path):

@@ -17,19 +17,22 @@ from hificl.tasks import get_task
 
 METHODS = {"hificl": {"value_b_std": 0.5}, "live": {"shots": 2}, "mimic": {"shots": 2}, "lora": {}}
 TENSORS = {  # the saved tensor names, per layer (the tiny language model has 2 layers)
-    "hificl": {f"layers.{i}.{n}" for i in range(2) for n in ("k_a", "k_b", "v_a", "v_b")},
+    "hificl": {f"base_model.model.model.text_model.layers.{i}.self_attn.hificl.virtual_kv.{n}"
+               for i in range(2) for n in ("k_a", "k_b", "v_a", "v_b")},
     "live": {"vectors", "scales"},
     "mimic": {"shift", "weight", "bias"},
     "lora": {f"base_model.model.model.text_model.layers.{i}.self_attn.{p}_proj.lora_{m}.weight"
              for i in range(2) for p in "qkvo" for m in "AB"},
 }
 SHAPE = {"num_layers", "num_query_heads", "num_kv_heads", "head_dim", "text_model_type", "model_type", "hidden_size"}
-CONFIG = {  # the saved adapter_config.json fields (LoRA: PEFT's own format)
-    "hificl": {"method", "format_version", "base_model", "num_virtual_tokens", "rank", "target_layers", "normalizer",
-               "key_a_std", "key_b_std", "value_a_std", "value_b_std", "full_rank_keys", "full_rank_values",
-               "fixed_alpha", "dtype", "init_seed"},
-    "live": {"method", "format_version", "base_model", "vector_std", "scale_init", "init_seed"},
-    "mimic": {"method", "format_version", "base_model", "shift_std", "weight_std", "init_seed"},
+PEFT_FIELDS = {"peft_type", "task_type", "peft_version", "base_model_name_or_path", "revision", "inference_mode",
+               "auto_mapping"}
+CONFIG = {  # the saved adapter_config.json fields (HiFICL, LoRA: PEFT's format)
+    "hificl": PEFT_FIELDS | {"model_shape", "trained_by", "num_virtual_tokens", "rank", "target_layers", "normalizer",
+                             "key_a_std", "key_b_std", "value_a_std", "value_b_std", "full_rank_keys",
+                             "full_rank_values", "fixed_alpha", "dtype", "init_seed", "attention_path"},
+    "live": {"method", "format_version", "base_model", "trained_by", "vector_std", "scale_init", "init_seed"},
+    "mimic": {"method", "format_version", "base_model", "trained_by", "shift_std", "weight_std", "init_seed"},
 }
 
 
@@ -80,9 +83,14 @@ def test_save_and_load_give_the_same_model_and_the_pinned_format(setting, name, 
     saved = json.loads((tmp_path / CONFIG_NAME).read_text())
     if name == "lora":
         assert saved["peft_type"] == "LORA" and saved["r"] == 16 and saved["lora_alpha"] == 32
+    elif name == "hificl":
+        assert set(saved) == CONFIG[name] and saved["peft_type"] == "HIFICL" and set(saved["model_shape"]) == SHAPE
     else:
         assert set(saved) == CONFIG[name] and saved["method"] == name and saved["format_version"] == FORMAT_VERSION
         assert set(saved["base_model"]) == SHAPE
+    if name != "lora":  # what trained it, for reports (LoRA's own config fields hold its options)
+        assert saved["trained_by"] == {"method": name, "options": json.loads(json.dumps(
+            get_method(name, **METHODS[name]).options))}
     untouched = adapter.unload()
     reloaded = load_adapter_model(untouched, tmp_path)
     assert type(reloaded) is type(adapter)
@@ -90,7 +98,7 @@ def test_save_and_load_give_the_same_model_and_the_pinned_format(setting, name, 
     reloaded.unload()
 
 
-@pytest.mark.parametrize("name", ["hificl", "live", "mimic"])
+@pytest.mark.parametrize("name", ["live", "mimic"])
 def test_the_format_version_is_checked_on_load(setting, name, tmp_path):
     adapter, base = _adapted(setting, name)
     adapter.save_pretrained(tmp_path)

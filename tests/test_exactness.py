@@ -66,17 +66,12 @@ def test_reference_attention_has_no_virtual_term_when_disabled():
 @pytest.mark.parametrize("path", ["default", "split"])
 @pytest.mark.parametrize("padding", [None, "left", "right"])
 @pytest.mark.parametrize("options", [{"normalizer": "exact"}, {"fixed_alpha": True}], ids=str)
-def test_adapter_gradients_equal_float64_reference(case, padding, options, path, monkeypatch):
+def test_adapter_gradients_equal_float64_reference(case, padding, options, path):
     """The gradients of every adapter parameter through the fast path -- the device's default (the concatenation
     on a CPU) and the split-KV merge -- equal those of a float64 copy run with the reference attention."""
     import copy
 
-    import hificl.core.prefix as prefix
-
-    if path == "split":
-        monkeypatch.setattr(prefix, "SPLIT_DEVICES", {"cuda", "cpu"})
-
-    model = attach(case, **options)
+    model = attach(case, **options, attention_path="split" if path == "split" else "auto")
     inputs = padded_inputs(case, batch_size=2, seq_len=16, padding=padding)
     mask = inputs["attention_mask"].bool()
     weights = torch.randn(model(**inputs).logits.shape, generator=torch.Generator().manual_seed(0))

@@ -8,15 +8,13 @@ import pytest
 import torch
 
 import hificl.core.prefix as prefix
-from hificl.core.prefix import attend_with_prefix
 
 B, H, N, D = 2, 4, 3, 16
 
 
-@pytest.fixture(autouse=True)
-def _split_merge_on_the_cpu(monkeypatch):
-    """The merge is the default on CUDA; these tests run it on the CPU."""
-    monkeypatch.setattr(prefix, "SPLIT_DEVICES", {"cuda", "cpu"})
+def attend_with_prefix(*args, **kwargs):
+    """The merge is the default ("auto") on CUDA only; these tests ask for it on the CPU."""
+    return prefix.attend_with_prefix(*args, **{"path": "split", **kwargs})
 
 
 def _reference(q, k, v, mask, pk, pv, scale):
@@ -73,7 +71,7 @@ def _rel(actual, expected):
 @pytest.mark.parametrize("batched_prefix", [False, True])
 def test_forward_and_gradients_equal_the_float64_reference(kind, kv_heads, batched_prefix):
     (q, k, v), mask, (pk, pv) = _case(kind, kv_heads, batched_prefix=batched_prefix)
-    assert prefix._split_kernel(q, k, v, mask, pv, 0.0) is not None, "the split merge runs"
+    assert prefix.SPLIT_KERNELS.choose(q, k, v, mask, pv, 0.0, "split") is not None, "the split merge runs"
     grad = torch.randn(B, q.shape[2], H, D, generator=torch.Generator().manual_seed(1))
 
     def fast(q, k, v, pk, pv):
@@ -92,7 +90,7 @@ def test_forward_and_gradients_equal_the_float64_reference(kind, kv_heads, batch
 @pytest.mark.parametrize("kind", ["causal", "left", "chunked"])
 def test_a_float64_gradcheck_of_the_merge(kind):
     (q, k, v), mask, (pk, pv) = _case(kind, q_len=5, dtype=torch.float64)
-    kernel, bias = prefix._split_kernel(q, k, v, mask, pv, 0.0)
+    kernel, bias = prefix.SPLIT_KERNELS.choose(q, k, v, mask, pv, 0.0, "split")
     inputs = [x.detach().clone().requires_grad_(True) for x in (q, k, v, pk, pv)]
     assert torch.autograd.gradcheck(
         lambda *xs: prefix._SplitPrefixAttention.apply(*xs, bias, mask is None, D ** -0.5, kernel), inputs)
@@ -150,12 +148,13 @@ def test_no_copy_of_the_keys_or_values_is_kept_for_backward():
 
 def test_the_concatenation_path_runs_where_no_kernel_applies(monkeypatch):
     (q, k, v), mask, (pk, pv) = _case("left")
-    monkeypatch.setattr(prefix, "SPLIT_DEVICES", {"cuda"})
-    assert prefix._split_kernel(q, k, v, mask, pv, 0.0) is None, "a device not chosen for the merge"
-    monkeypatch.setattr(prefix, "SPLIT_DEVICES", {"cuda", "cpu"})
-    assert prefix._split_kernel(q, k, v, mask, pv, dropout=0.1) is None, "dropout"
+    choose = prefix.SplitKernels().choose
+    assert choose(q, k, v, mask, pv, 0.0, "auto") is None, "auto: the merge on CUDA only"
+    assert choose(q, k, v, mask, pv, 0.0, "concat") is None, "asked for the concatenation"
+    assert choose(q, k, v, mask, pv, 0.0, "split") is not None, "asked for the merge"
+    assert choose(q, k, v, mask, pv, 0.1, "split") is None, "dropout"
     wide = torch.cat([pv, pv[..., :1]], -1)
-    assert prefix._split_kernel(q, k, torch.cat([v, v[..., :1]], -1), mask, wide, 0.0) is None, "value dims differ"
+    assert choose(q, k, torch.cat([v, v[..., :1]], -1), mask, wide, 0.0, "split") is None, "value dims differ"
 
     class Broken(prefix.CpuFlash):
         name = "broken"
@@ -172,6 +171,6 @@ def test_the_concatenation_path_runs_where_no_kernel_applies(monkeypatch):
 
     for kernel in (Broken(), Refusing()):
         monkeypatch.setattr(prefix, "_candidates", lambda query, bias, kernel=kernel: [kernel])
-        assert prefix._split_kernel(q, k, v, mask, pv, 0.0) is None, kernel.name
+        assert prefix.SplitKernels().choose(q, k, v, mask, pv, 0.0, "split") is None, kernel.name
         out = attend_with_prefix(None, q, k, v, mask, pk, pv, scaling=D ** -0.5)
         assert _rel(out, _reference(q, k, v, mask, pk, pv, D ** -0.5)) < 1e-5

@@ -23,7 +23,7 @@ from .backbones import Backbone
 from .core.attention import ATTENTION_NAME, hificl_attention_forward, route
 from .core.reference import materialised_mask, visible_real_keys
 from .io import atomic_write, atomic_write_json, atomic_write_text
-from .model import HiFICLModel
+from .adapters import HiFICLModel
 from .prompting import Prompter
 from .tasks import Example
 

@@ -430,7 +430,7 @@ def inspect(config: RunConfig, adapter: str, queries: int = 64) -> dict[str, Any
     to output_dir as inspect.json, virtual_share.png and inspect.md."""
     from .adapters import load_adapter_model
     from .inspect import virtual_attention_share, virtual_value_tokens, write_inspection
-    from .model import HiFICLModel
+    from .adapters import HiFICLModel
     from .prompting import Prompter
 
     with _holding(config):

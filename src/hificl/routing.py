@@ -10,12 +10,13 @@ MimIC) or needs the decoder layers (LIVE, the teacher losses) or the attention p
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from .core import (ATTENTION_NAME, PROBE_ATTENTION_NAME, AttentionCall, UnsupportedModelError, record_attention_calls,
+from .core import (ATTENTION_NAME, AdapterMismatchError, PROBE_ATTENTION_NAME, AttentionCall, UnsupportedModelError, record_attention_calls,
                    register_attention)
 
 
@@ -159,3 +160,45 @@ def freeze(model: nn.Module) -> Frozen:
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     return state
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The shape of an adapted language model, saved with every adapter and checked when one is loaded."""
+
+    num_layers: int
+    num_query_heads: int
+    num_kv_heads: int
+    head_dim: int
+    text_model_type: str
+    model_type: str
+    hidden_size: int = 0
+
+    CHECKED: ClassVar[tuple[str, ...]] = ("num_layers", "num_query_heads", "num_kv_heads", "head_dim",
+                                          "text_model_type")
+
+    @classmethod
+    def of(cls, routing: RoutedAttention) -> "ModelShape":
+        first = routing.calls[0]
+        return cls(num_layers=len(routing.calls), num_query_heads=first.num_query_heads,
+                   num_kv_heads=first.num_kv_heads, head_dim=first.head_dim,
+                   text_model_type=getattr(routing.text_config, "model_type", ""),
+                   model_type=getattr(routing.model.config, "model_type", ""),
+                   hidden_size=getattr(routing.text_config, "hidden_size", 0) or 0)
+
+    def describe(self) -> str:
+        return (f"{self.num_layers} layers x {self.num_query_heads} query heads ({self.num_kv_heads} KV heads) x "
+                f"head dim {self.head_dim}, text model type '{self.text_model_type}'")
+
+    def check(self, saved: Any, source: str) -> None:
+        """Raise `AdapterMismatchError` unless `saved` (a dict from a config) describes this shape; `source` names
+        where the adapter comes from (its folder, or its config)."""
+        if not isinstance(saved, dict):
+            raise AdapterMismatchError(f"{source} does not record the base model's shape; re-save the adapter.")
+        if any(saved.get(f) != getattr(self, f) for f in self.CHECKED):
+            other = (f"{saved.get('num_layers')} layers x {saved.get('num_query_heads')} query heads "
+                     f"({saved.get('num_kv_heads')} KV heads) x head dim {saved.get('head_dim')}, text model type "
+                     f"'{saved.get('text_model_type')}'")
+            raise AdapterMismatchError(
+                f"The adapter in {source} was trained for a model with {other}, but this model has "
+                f"{self.describe()}. Load it onto the model it was trained for, or train a new adapter.")

@@ -25,7 +25,7 @@ from .config import Formula
 from .prefix import attend_with_prefix
 
 ATTENTION_NAME = "hificl"
-PROVIDER_ATTR = "hificl_provider"
+PROVIDER_ATTR = "hificl"
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,7 @@ class VirtualPairs:
     keys: torch.Tensor
     values: torch.Tensor
     formula: Formula = Formula.EXACT
+    path: str = "auto"  # how the exact formula is computed (`hificl.core.config.ATTENTION_PATHS`)
 
 
 Routing = Union[None, VirtualPairs, Sequence[tuple[torch.Tensor, Union[VirtualPairs, None]]]]
@@ -57,7 +58,7 @@ def expand_pairs(pairs: VirtualPairs, batch: int, dtype: torch.dtype) -> tuple[t
 def _exact(module, query, key, value, mask, pairs, dropout, scaling, is_causal) -> torch.Tensor:
     """Softmax attention over ``[K_v; K]``, ``[V_v; V]`` (the paper's equation); returns [b, q, h, d]."""
     return attend_with_prefix(module, query, key, value, mask, pairs.keys.to(query.dtype), pairs.values.to(query.dtype),
-                              dropout, scaling, is_causal)
+                              dropout, scaling, is_causal, pairs.path)
 
 
 def _fixed_alpha(module, query, key, value, mask, pairs, dropout, scaling, is_causal) -> torch.Tensor:
@@ -68,7 +69,7 @@ def _fixed_alpha(module, query, key, value, mask, pairs, dropout, scaling, is_ca
     ones = value.new_ones(value.shape[:-1] + (1,))
     out = attend_with_prefix(module, query, key, torch.cat([value, ones], -1), mask, v_keys,
                              torch.cat([v_values, v_values.new_zeros(v_values.shape[:-1] + (1,))], -1),
-                             dropout, scaling, is_causal)
+                             dropout, scaling, is_causal, pairs.path)
     alpha = out[..., -1:]
     sa = sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, is_causal=is_causal)[0]
     return out[..., :-1] + (1 - alpha) * sa

@@ -1,19 +1,17 @@
-"""`HiFICLConfig`: the validated, documented settings of one HiFICL adapter."""
+"""The vocabulary of HiFICL's settings that the core's math reads: how virtual pairs enter a head's attention
+(`Formula`) and which attention path computes it (`ATTENTION_PATHS`). The validated adapter config itself is
+`hificl.tuner.HiFICLConfig`, a PEFT config."""
 
 from __future__ import annotations
 
-import dataclasses
 import enum
-from dataclasses import dataclass, field
-from typing import Any
-
-import torch
-
-from .dtypes import DTYPES, dtype_named
-from .errors import HiFICLConfigError
-from .validate import boolean, integer, known_fields, number
 
 NORMALIZERS = ("exact", "unmasked")
+ATTENTION_PATHS = ("auto", "split", "concat")
+"""How the exact formula is computed (`hificl.core.prefix`): "split" -- the backend's fused kernel over the real keys
+merged with the virtual slots by log-sum-exp; "concat" -- the virtual slots prepended to the real keys, one SDPA
+call; "auto" -- "split" on CUDA, "concat" elsewhere (where it measured faster). All three give the same numbers up to
+rounding."""
 
 
 class Formula(enum.Enum):
@@ -28,124 +26,3 @@ class Formula(enum.Enum):
     EXACT = "exact"
     UNMASKED = "unmasked"
     FIXED_ALPHA = "fixed_alpha"
-
-
-@dataclass
-class HiFICLConfig:
-    """Settings of one HiFICL adapter (virtual key-value pairs in every attention head).
-
-    For each targeted decoder layer and each QUERY head the adapter holds
-    ``K_v = K_A @ K_B`` and ``V_v = V_A @ V_B`` with ``K_A, V_A: [n, r]`` and ``K_B, V_B: [r, head_dim]``.
-
-    Attributes:
-        num_virtual_tokens: n, the number of virtual key-value pairs per head (paper: 8).
-        rank: r, the rank of the factorisation of the virtual keys and values (paper: 8; 16 for OK-VQA).
-        target_layers: decoder layer indices that get virtual pairs; ``None`` means every layer. A list, tuple
-            or ``range`` of non-negative ints (stored as a sorted list).
-        normalizer: ``"exact"`` (default) gives exactly softmax attention over ``[K_v; K]`` with the model's causal
-            and padding masks on the real keys. ``"unmasked"`` reproduces the authors' released code, whose
-            normaliser of the real keys runs over ALL keys (future and padding included); use it only to measure
-            the difference.
-        key_a_std, key_b_std, value_a_std, value_b_std: standard deviations of the normal initialisation of
-            K_A, K_B, V_A, V_B. The paper's defaults are 1, 0.01, 1 and 0 (V_B = 0, so the value term starts at 0;
-            the start is still not exactly the base model, since the virtual keys take softmax mass).
-        full_rank_keys, full_rank_values: ablations of the paper: learn ``K_v`` (or ``V_v``) as a full
-            ``[n, head_dim]`` matrix per head instead of a rank-r product (initialised with the product's scale,
-            ``a_std * b_std * sqrt(rank)``).
-        fixed_alpha: ablation "alpha fixed to 1": the head output is ``SA + sum_i exp(q.k_v_i)/(Z1 + Z2) v_i``, so
-            the virtual pairs add to the attention output instead of taking softmax mass from the real keys.
-            Only with normalizer "exact".
-        dtype: dtype of the adapter parameters ("float32", "bfloat16", "float16", "float64"). Keep float32 master
-            weights when the backbone runs in bf16/fp16: the virtual pairs are cast to the activation dtype at use.
-        init_seed: seed of the initialisation (``None``: draw from torch's global generator).
-    """
-
-    num_virtual_tokens: int = 8
-    rank: int = 8
-    target_layers: list[int] | None = None
-    normalizer: str = "exact"
-    key_a_std: float = 1.0
-    key_b_std: float = 0.01
-    value_a_std: float = 1.0
-    value_b_std: float = 0.0
-    full_rank_keys: bool = False
-    full_rank_values: bool = False
-    fixed_alpha: bool = False
-    dtype: str = "float32"
-    init_seed: int | None = None
-    method: str = field(default="hificl", init=False)
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise `HiFICLConfigError` naming the field, the value and the fix when anything is wrong."""
-        err = {"error": HiFICLConfigError}
-        for name in ("num_virtual_tokens", "rank"):
-            integer(getattr(self, name), f"HiFICLConfig.{name}", **err)
-        if self.target_layers is not None:
-            layers = self.target_layers
-            if isinstance(layers, int) or not isinstance(layers, (list, tuple, range)):
-                raise HiFICLConfigError(
-                    f"HiFICLConfig.target_layers must be None (all layers) or a list/tuple/range of layer indices, "
-                    f"got {layers!r}."
-                )
-            bad = [i for i in layers if isinstance(i, bool) or not isinstance(i, int) or i < 0]
-            if bad:
-                raise HiFICLConfigError(f"HiFICLConfig.target_layers holds invalid layer indices {bad!r}: use ints >= 0.")
-            if len(set(layers)) != len(layers):
-                raise HiFICLConfigError(f"HiFICLConfig.target_layers has duplicates: {list(layers)!r}.")
-            if len(layers) == 0:
-                raise HiFICLConfigError("HiFICLConfig.target_layers is empty: give None for all layers or some indices.")
-            self.target_layers = sorted(layers)
-        if self.normalizer not in NORMALIZERS:
-            raise HiFICLConfigError(
-                f"HiFICLConfig.normalizer must be one of {NORMALIZERS}, got {self.normalizer!r}. "
-                "'exact' is the paper's equation; 'unmasked' only reproduces the authors' code for comparison."
-            )
-        for name in ("key_a_std", "key_b_std", "value_a_std", "value_b_std"):
-            number(getattr(self, name), f"HiFICLConfig.{name}", **err)
-        for name in ("full_rank_keys", "full_rank_values", "fixed_alpha"):
-            boolean(getattr(self, name), f"HiFICLConfig.{name}", **err)
-        if self.fixed_alpha and self.normalizer != "exact":
-            raise HiFICLConfigError("HiFICLConfig.fixed_alpha needs normalizer='exact' (the ablation is of the paper's equation).")
-        dtype_named(self.dtype, "HiFICLConfig.dtype", **err)
-        integer(self.init_seed, "HiFICLConfig.init_seed", minimum=None, allow_none=True, **err)
-
-    @property
-    def formula(self) -> Formula:
-        """How the virtual pairs enter attention (see `Formula`)."""
-        if self.fixed_alpha:
-            return Formula.FIXED_ALPHA
-        return Formula.UNMASKED if self.normalizer == "unmasked" else Formula.EXACT
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
-
-    def layers_for(self, num_layers: int) -> list[int]:
-        """The targeted layer indices of a model with `num_layers` decoder layers (validated against it)."""
-        if self.target_layers is None:
-            return list(range(num_layers))
-        out_of_range = [i for i in self.target_layers if i >= num_layers]
-        if out_of_range:
-            raise HiFICLConfigError(
-                f"HiFICLConfig.target_layers {out_of_range} are out of range: the model has {num_layers} decoder "
-                f"layers (valid indices 0..{num_layers - 1})."
-            )
-        return list(self.target_layers)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "HiFICLConfig":
-        """Build a config from a dict (e.g. adapter_config.json), rejecting unknown fields by name."""
-        if not isinstance(data, dict):
-            raise HiFICLConfigError(f"A HiFICL config must be a mapping of field names to values, got {type(data).__name__}.")
-        data = dict(data)
-        method = data.pop("method", "hificl")
-        if method != "hificl":
-            raise HiFICLConfigError(f"This config is for method {method!r}, not 'hificl'.")
-        known_fields(data, (f.name for f in dataclasses.fields(cls) if f.init), "HiFICLConfig", error=HiFICLConfigError)
-        return cls(**data)

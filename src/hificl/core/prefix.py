@@ -13,10 +13,10 @@ ring-attention identity: the probabilities it recomputes are then the globally n
 gradients follow from the same normalised probabilities. Autograd keeps only what the backend keeps (queries,
 keys, values, the output and the log-sum-exp), plus the prefix.
 
-The merge runs on the devices in `SPLIT_DEVICES` (CUDA, where the copies of the concatenation cost more than the
-attention itself); on a CPU the concatenation is faster (measured over two runs: 0.90-1.05x the base's time
-against the merge's 1.03-1.18x at T = 512-4096) and runs by default, the merge being a choice
-(`SPLIT_DEVICES.add("cpu")`, as the tests do). The kernels are private aten ops (CPU flash attention; on CUDA the
+By default ("auto") the merge runs on CUDA, where the copies of the concatenation cost more than the attention
+itself; on a CPU the concatenation is faster (measured over two runs: 0.90-1.05x the base's time against the
+merge's 1.03-1.18x at T = 512-4096) and runs by default, the merge being a choice (``path="split"``: the adapter's
+``attention_path`` setting, as the tests use it). The kernels are private aten ops (CPU flash attention; on CUDA the
 flash and memory-efficient kernels), which can change between torch versions, so each is checked once per
 process, device, dtype and mask kind against the concatenation path on a small random case (forward and
 backward) before it is used. When no kernel applies or passes -- dropout, value dims that differ from the
@@ -29,6 +29,7 @@ KV cache once.
 from __future__ import annotations
 
 import logging
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -152,31 +153,71 @@ class _SplitPrefixAttention(torch.autograd.Function):
         return (dq, dk, dv, d_keys.to(prefix_keys.dtype), d_values.to(prefix_values.dtype), None, None, None, None)
 
 
-def _bias(mask: torch.Tensor | None, kv_length: int, dtype: torch.dtype) -> torch.Tensor | None:
-    """The model's mask as the additive bias the kernels take: 0 where visible, a large finite negative value
-    where not (a -inf row would give a fully masked query a log-sum-exp of 0 instead of -inf). Its rows are
-    stored 16-aligned (as the memory-efficient kernel needs), and it is made once per mask: every layer of a
-    forward shares one copy (also the one autograd keeps)."""
-    if mask is None:
+class SplitKernels:
+    """Chooses the kernel of the split merge for a call, and owns what that choice caches: which kernels passed
+    their self-check (per process, device, dtype, head dim, mask kind and grouping) and the additive bias of the
+    last mask seen (every layer of a forward gets the same mask object, so one entry serves them all, and autograd
+    keeps that one copy)."""
+
+    def __init__(self) -> None:
+        self.checked: dict[tuple, bool] = {}
+        self._bias: tuple | None = None  # (weak reference to the mask, (version, dtype, kv_length), bias)
+
+    def choose(self, query, key, value, mask, prefix_values, dropout, path: str) -> tuple[Kernel, torch.Tensor | None] | None:
+        """A kernel for the split merge of this call, with the bias it takes; None: the concatenation path.
+        `path` is "split", "concat" or "auto" (split on CUDA only: see the module docstring)."""
+        if path == "concat" or (path == "auto" and query.device.type != "cuda"):
+            return None
+        if dropout or query.shape[-1] != value.shape[-1] or prefix_values.shape[-1] != value.shape[-1]:
+            return None
+        if query.dtype not in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
+            return None
+        bias = self.bias(mask, key.shape[2], query.dtype)
+        grouped = key.shape[1] != query.shape[1]
+        for kernel in _candidates(query, bias):
+            if self.passes_check(kernel, query, bias is not None, grouped):
+                return kernel, bias
         return None
-    key = (mask._version, dtype, kv_length)
-    cached = getattr(mask, "_hificl_bias", None)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    visible = mask[..., :kv_length]
-    floor = -0.5 * torch.finfo(dtype).max
-    padded = -(-kv_length // 16) * 16
-    bias = torch.zeros(visible.shape[:-1] + (padded,), dtype=dtype, device=mask.device)[..., :kv_length]
-    if visible.dtype == torch.bool:
-        bias.masked_fill_(~visible, floor)
-    else:
-        bias.copy_(visible.to(dtype).clamp_min(floor))
-    mask._hificl_bias = (key, bias)
-    return bias
+
+    def bias(self, mask: torch.Tensor | None, kv_length: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """The model's mask as the additive bias the kernels take: 0 where visible, a large finite negative value
+        where not (a -inf row would give a fully masked query a log-sum-exp of 0 instead of -inf). Its rows are
+        stored 16-aligned (as the memory-efficient kernel needs)."""
+        if mask is None:
+            return None
+        key = (mask._version, dtype, kv_length)
+        if self._bias is not None and self._bias[0]() is mask and self._bias[1] == key:
+            return self._bias[2]
+        visible = mask[..., :kv_length]
+        floor = -0.5 * torch.finfo(dtype).max
+        padded = -(-kv_length // 16) * 16
+        bias = torch.zeros(visible.shape[:-1] + (padded,), dtype=dtype, device=mask.device)[..., :kv_length]
+        if visible.dtype == torch.bool:
+            bias.masked_fill_(~visible, floor)
+        else:
+            bias.copy_(visible.to(dtype).clamp_min(floor))
+        self._bias = (weakref.ref(mask), key, bias)
+        return bias
+
+    def passes_check(self, kernel: Kernel, query: torch.Tensor, masked: bool, grouped: bool) -> bool:
+        """Whether `kernel` gives the concatenation path's output and gradients on a small random case like the
+        call's (device, dtype, head dim, mask or not, grouped heads or not), run through the same wrapper as the
+        call; checked once per process and kind of call."""
+        key = (kernel.name, query.device.type, query.dtype, query.shape[-1], masked, grouped)
+        if key not in self.checked:
+            try:
+                self.checked[key] = _self_check(kernel, query.device, query.dtype, query.shape[-1], masked, grouped)
+            except Exception as error:  # a kernel that refuses the inputs, or an op that changed
+                logger.warning("the %s kernel failed its check on %s %s (%s); using the concatenation path",
+                               kernel.name, query.device.type, query.dtype, error)
+                self.checked[key] = False
+            if not self.checked[key]:
+                logger.warning("the %s kernel does not match the concatenation path on %s %s; using that path",
+                               kernel.name, query.device.type, query.dtype)
+        return self.checked[key]
 
 
-_CHECKED: dict[tuple, bool] = {}
-SPLIT_DEVICES = {"cuda"}  # device types on which the split merge is the default (see the module docstring)
+SPLIT_KERNELS = SplitKernels()
 
 
 def _candidates(query: torch.Tensor, bias: torch.Tensor | None) -> list[Kernel]:
@@ -185,24 +226,6 @@ def _candidates(query: torch.Tensor, bias: torch.Tensor | None) -> list[Kernel]:
     if query.device.type == "cuda":
         return ([CudaFlash()] if bias is None else []) + [CudaEfficient()]
     return []
-
-
-def _passes_check(kernel: Kernel, query: torch.Tensor, masked: bool, grouped: bool) -> bool:
-    """Whether `kernel` gives the concatenation path's output and gradients on a small random case like the
-    call's (device, dtype, head dim, mask or not, grouped heads or not), run through the same wrapper as the
-    call; checked once per process and kind of call."""
-    key = (kernel.name, query.device.type, query.dtype, query.shape[-1], masked, grouped)
-    if key not in _CHECKED:
-        try:
-            _CHECKED[key] = _self_check(kernel, query.device, query.dtype, query.shape[-1], masked, grouped)
-        except Exception as error:  # a kernel that refuses the inputs, or an op that changed
-            logger.warning("hificl: the %s kernel failed its check on %s %s (%s); using the concatenation path",
-                           kernel.name, query.device.type, query.dtype, error)
-            _CHECKED[key] = False
-        if not _CHECKED[key]:
-            logger.warning("hificl: the %s kernel does not match the concatenation path on %s %s; using that path",
-                           kernel.name, query.device.type, query.dtype)
-    return _CHECKED[key]
 
 
 def _self_check(kernel: Kernel, device: torch.device, dtype: torch.dtype, d: int, masked: bool, grouped: bool) -> bool:
@@ -225,7 +248,7 @@ def _self_check(kernel: Kernel, device: torch.device, dtype: torch.dtype, d: int
             inputs = [x.detach().clone().requires_grad_(True) for x in leaves]
             q, k, v, pk, pv = inputs
             if fast:
-                out = _split(kernel, q, k, v, _bias(mask, t, dtype), pk, pv, mask is None, d ** -0.5)
+                out = _split(kernel, q, k, v, SplitKernels().bias(mask, t, dtype), pk, pv, mask is None, d ** -0.5)
             else:
                 out = _concatenated(None, q, k, v, mask, pk.expand(b, -1, -1, -1), pv.expand(b, -1, -1, -1), 0.0,
                                     d ** -0.5, True).transpose(1, 2)
@@ -235,28 +258,13 @@ def _self_check(kernel: Kernel, device: torch.device, dtype: torch.dtype, d: int
     return all(((a - e).abs().max() / e.abs().max().clamp_min(1e-6)) < tolerance for a, e in zip(*results))
 
 
-def _split_kernel(query, key, value, mask, prefix_values, dropout) -> tuple[Kernel, torch.Tensor | None] | None:
-    """A kernel for the split merge of this call, with the bias it takes; None: the concatenation path."""
-    if query.device.type not in SPLIT_DEVICES:
-        return None
-    if dropout or query.shape[-1] != value.shape[-1] or prefix_values.shape[-1] != value.shape[-1]:
-        return None
-    if query.dtype not in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
-        return None
-    bias = _bias(mask, key.shape[2], query.dtype)
-    grouped = key.shape[1] != query.shape[1]
-    for kernel in _candidates(query, bias):
-        if _passes_check(kernel, query, bias is not None, grouped):
-            return kernel, bias
-    return None
-
-
 # ------------------------------------------------------------------------------------------------ entry point
 def attend_with_prefix(module, query, key, value, mask, prefix_keys, prefix_values, dropout=0.0, scaling=None,
-                       is_causal=None) -> torch.Tensor:
+                       is_causal=None, path: str = "auto") -> torch.Tensor:
     """Softmax attention of `query` ``[b, h, q, d]`` over always-visible prefix slots (``[h, n, d]`` or
     ``[b, h, n, d]``) followed by the real keys/values (``[b, kv_heads, k, d]``, any GQA grouping) under the
-    model's causal and padding mask. Value dims may differ from key dims. Returns ``[b, q, h, d_v]``."""
+    model's causal and padding mask. Value dims may differ from key dims. `path` chooses how ("auto", "split" or
+    "concat": `hificl.core.config.ATTENTION_PATHS`). Returns ``[b, q, h, d_v]``."""
     q_len = query.shape[2]
     if prefix_keys.dim() == 3:
         prefix_keys, prefix_values = prefix_keys.to(query.dtype), prefix_values.to(query.dtype)
@@ -266,14 +274,14 @@ def attend_with_prefix(module, query, key, value, mask, prefix_keys, prefix_valu
     causal = mask is None and is_causal_call(module, is_causal) and q_len > 1
     if causal:  # keys past q_len are empty static-cache slots (top-left alignment, as transformers' SDPA path)
         key, value = key[:, :, :q_len], value[:, :, :q_len]
-    split = _split_kernel(query, key, value, mask, prefix_values, dropout)
+    split = SPLIT_KERNELS.choose(query, key, value, mask, prefix_values, dropout, path)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if split is not None:
         kernel, bias = split
         try:
             return _split(kernel, query, key, value, bias, prefix_keys, prefix_values, causal, scale).transpose(1, 2).contiguous()
         except RuntimeError as error:  # a kernel refusing these particular inputs (a shape its check did not have)
-            logger.debug("hificl: the %s kernel refused a call (%s); using the concatenation path", kernel.name, error)
+            logger.debug("the %s kernel refused a call (%s); using the concatenation path", kernel.name, error)
     return _concatenated(module, query, key, value, mask, _batched(prefix_keys, query), _batched(prefix_values, query),
                          dropout, scale, causal).contiguous()
 

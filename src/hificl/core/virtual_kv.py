@@ -1,11 +1,10 @@
-"""The learnable low-rank virtual key-value pairs of one decoder layer, and of a whole adapter."""
+"""The learnable low-rank virtual key-value pairs of one decoder layer."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from .config import HiFICLConfig
 
 
 class VirtualKV(nn.Module):
@@ -19,7 +18,9 @@ class VirtualKV(nn.Module):
     every step or layer call.
     """
 
-    def __init__(self, num_heads: int, head_dim: int, config: HiFICLConfig, generator: torch.Generator | None = None):
+    def __init__(self, num_heads: int, head_dim: int, config, generator: torch.Generator | None = None):
+        """`config` holds the settings (`hificl.tuner.HiFICLConfig`: n, r, the initial standard deviations, the
+        full-rank ablations and the dtype); `generator` draws the initialisation (None: torch's global one)."""
         super().__init__()
         n, r, dtype = config.num_virtual_tokens, config.rank, config.torch_dtype
         self.num_heads, self.head_dim = num_heads, head_dim
@@ -71,25 +72,3 @@ class VirtualKV(nn.Module):
     def _apply(self, fn, recurse: bool = True):
         self._cache = {}
         return super()._apply(fn, recurse)
-
-
-class VirtualKVBank(nn.Module):
-    """All layers' `VirtualKV` of one adapter, keyed by decoder layer index (as strings, for state-dict names
-    ``layers.<i>.k_a`` ...)."""
-
-    def __init__(self, config: HiFICLConfig, num_layers: int, num_heads: int, head_dim: int,
-                 devices: dict[int, torch.device] | None = None):
-        super().__init__()
-        self.config = config
-        generator = None
-        if config.init_seed is not None:
-            generator = torch.Generator().manual_seed(config.init_seed)
-        self.layers = nn.ModuleDict()
-        for index in config.layers_for(num_layers):
-            layer = VirtualKV(num_heads, head_dim, config, generator)
-            if devices and index in devices:
-                layer.to(devices[index])
-            self.layers[str(index)] = layer
-
-    def get(self, layer_idx: int) -> VirtualKV | None:
-        return self.layers[str(layer_idx)] if str(layer_idx) in self.layers else None

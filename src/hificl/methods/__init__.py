@@ -3,14 +3,17 @@ composes a prompter, an adapter and an objective: see `hificl.methods.base`) plu
 
 from __future__ import annotations
 
-from ..adapters import saved_method
+from pathlib import Path
+
+from ..adapters import CONFIG_NAME, LoraModel, saved_method
+from ..core import AdapterMismatchError
 from ..registry import Registry
 from .base import Method, Parts
 from .distill import Distill
 from .hificl import HiFICL
 from .icl import InContext, ZeroShot
 from .live import Live, LiveModel
-from .lora import Lora, LoraModel
+from .lora import Lora
 from .mimic import MimIC, MimicModel
 
 METHODS: Registry[type[Method]] = Registry("method")
@@ -35,7 +38,15 @@ def get_method(name: str, **options) -> Method:
 def method_for_adapter(folder) -> Method:
     """The method (with the settings the adapter was saved with) of a saved adapter folder."""
     name, config = saved_method(folder)
-    return METHODS.get(name).from_saved(config)
+    trained = config.get("trained_by")
+    if trained is None:
+        return METHODS.get(name).from_saved(config)
+    try:
+        return get_method(trained["method"], **trained.get("options", {}))
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise AdapterMismatchError(f"{Path(folder) / CONFIG_NAME}: its 'trained_by' record {trained!r} does not name a "
+                                   f"method this hificl knows with valid options ({error}). Re-save the adapter, or "
+                                   "remove 'trained_by' to evaluate it under the settings its config holds.") from None
 
 
 __all__ = ["METHODS", "Method", "Parts", "Distill", "HiFICL", "InContext", "Live", "LiveModel", "Lora", "LoraModel", "MimIC",

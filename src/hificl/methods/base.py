@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from typing import Any, ClassVar
 
 from torch import nn
@@ -30,6 +30,8 @@ class Parts:
         objective: the training batches and loss (None for training-free methods).
         param_groups: optimiser groups ``{"params": [parameter names], ...settings}`` for parameters with their
             own learning rate or weight decay; the other trainable parameters use the run's settings.
+        method: the method that builds these parts to train them: its name and options are recorded in the
+            adapter (``trained_by`` in the saved config), so an evaluation of the saved folder reports them.
     """
 
     prompter: Prompter
@@ -37,6 +39,11 @@ class Parts:
     adapter: AdapterModel | None = None
     objective: AnswerLoss | None = None
     param_groups: list[dict[str, Any]] = field(default_factory=list)
+    method: InitVar["Method | None"] = None  # the trained method, recorded in its adapter
+
+    def __post_init__(self, method: "Method | None") -> None:
+        if self.adapter is not None and method is not None:  # what trained it, in its saved config
+            self.adapter.record_training(method.name, method.options)
 
     def close(self) -> None:
         """Give the backbone's model back as it was."""
@@ -109,5 +116,6 @@ class Method:
 
     @classmethod
     def from_saved(cls, config: dict[str, Any]) -> "Method":
-        """The method that trained a saved adapter, from its adapter_config.json (trained methods only)."""
+        """The method of a saved adapter that records no ``trained_by`` (saved by an earlier version, or trained
+        outside hificl), from what its adapter_config.json holds (trained methods only)."""
         raise ValueError(f"Method {cls.name!r} trains no adapter.")

@@ -27,9 +27,9 @@ import torch
 from torch import nn
 
 from ..adapters import AdapterModel
-from ..core import HiFICLConfig
 from ..core.validate import choice, integer, number
-from ..model import HiFICLModel
+from ..adapters import HiFICLModel
+from ..tuner import HiFICLConfig
 from ..objectives import Teacher, TeacherBatch, TeacherMLPAlignment, TeacherObjective, answer_positions
 from ..prompting import KShot
 from ..tasks import Example, Query, unlabelled
@@ -178,7 +178,7 @@ class Distill(Method):
 
     @property
     def options(self) -> dict[str, Any]:
-        config = {k: v for k, v in self.config.to_dict().items() if k != "method"}
+        config = self.config.settings()
         return {"shots": self.shots, "labelled": self.labelled, "selection": self.selection, "draws": self.draws,
                 "ce_weight": self.ce_weight, "init": self.init, "student": self.student,
                 **(config if self.student == "hificl" else {})}
@@ -197,9 +197,7 @@ class Distill(Method):
 
     @classmethod
     def from_saved(cls, config: dict[str, Any]) -> Method:
-        from . import METHODS
-
-        return METHODS.get(config.get("method", "hificl")).from_saved(config)  # the adapter's own method
+        raise ValueError("A distilled adapter records how it was distilled (trained_by); this one does not.")
 
     def teachers(self, backbone, task, seeds, adapter: AdapterModel) -> list[Teacher]:
         """The teacher contexts: demonstrations from the `labelled` pool (the first `labelled` of the run's seeded
@@ -230,8 +228,10 @@ class Distill(Method):
         answers = TeacherAnswers(backbone, task, teachers, adapter)
         if self.student == "mimic":
             objective = TeacherAnswerAlignment(backbone, task, prompter, answers, adapter.routing.mlps(), self.ce_weight)
-            return Parts(prompter, adapter, adapter, objective, [{"params": ["shifts.bias"], "weight_decay": 0.0}])
-        return Parts(prompter, adapter, adapter, TeacherAnswerKL(backbone, task, prompter, answers, self.ce_weight))
+            return Parts(prompter, adapter, adapter, objective, [{"params": ["shifts.bias"], "weight_decay": 0.0}],
+                         method=self)
+        return Parts(prompter, adapter, adapter, TeacherAnswerKL(backbone, task, prompter, answers, self.ce_weight),
+                     method=self)
 
     def data_budget(self, train_examples: int) -> dict[str, int]:
         return {"labelled": self.labelled, "unlabelled": train_examples}

@@ -6,9 +6,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from ..core import HiFICLConfig
 from ..core.validate import integer, number
-from ..model import HiFICLModel
+from ..adapters import HiFICLModel
+from ..tuner import HiFICLConfig
+from ..tuner.config import HIFICL_FIELDS
 from ..objectives import AnswerLoss, Teacher, TeacherMLPAlignment
 from .base import Method, Parts
 
@@ -31,8 +32,7 @@ class HiFICL(Method):
 
     @property
     def options(self) -> dict[str, Any]:
-        config = {k: v for k, v in self.config.to_dict().items() if k != "method"}
-        return {**config, "teacher_weight": self.teacher_weight, "teacher_shots": self.teacher_shots}
+        return {**self.config.settings(), "teacher_weight": self.teacher_weight, "teacher_shots": self.teacher_shots}
 
     @property
     def ablations(self) -> list[str]:
@@ -52,7 +52,7 @@ class HiFICL(Method):
 
     @classmethod
     def from_saved(cls, config: dict[str, Any]) -> "HiFICL":
-        return cls(**{k: v for k, v in config.items() if k not in ("method", "base_model", "format_version")})
+        return cls(**{k: v for k, v in config.items() if k in HIFICL_FIELDS})
 
     def build(self, backbone, task, seeds) -> Parts:
         config = self.config
@@ -61,8 +61,8 @@ class HiFICL(Method):
         adapter = HiFICLModel(backbone.model, config)
         prompter = self.prompter(backbone, task, seeds)
         if not self.teacher_weight:
-            return Parts(prompter, adapter, adapter, AnswerLoss(backbone, task, prompter))
+            return Parts(prompter, adapter, adapter, AnswerLoss(backbone, task, prompter), method=self)
         teacher = Teacher.with_shots(backbone, task, self.teacher_shots, seeds, adapter=adapter)
         objective = TeacherMLPAlignment(backbone, task, prompter, teacher, adapter.routing.mlps(),
                                         align_weight=self.teacher_weight, ce_weight=1.0)
-        return Parts(prompter, adapter, adapter, objective)
+        return Parts(prompter, adapter, adapter, objective, method=self)

@@ -12,17 +12,20 @@ token's MLP output is bounded by ``||a v|| ~ 0.1 * 0.01 * sqrt(hidden)`` relativ
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..adapters import ModelShape, ShiftModel, register_adapter
+from ..adapters import ShiftModel, register_adapter
 from ..core.validate import boolean, choice, integer, number
 from ..objectives import Teacher, TeacherKL
-from ..routing import find_language_model
+from ..routing import ModelShape, find_language_model
 from .base import Method, Parts
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -77,12 +80,6 @@ class LiveModel(ShiftModel):
             handle.remove()
         self._hooks = []
 
-    @classmethod
-    def _empty(cls, base_model, config: dict[str, Any]) -> "LiveModel":
-        from ..adapters import settings_from_saved
-
-        return cls(base_model, settings_from_saved(LiveConfig, config))
-
 
 class Live(Method):
     name = "live"
@@ -111,7 +108,9 @@ class Live(Method):
 
     @classmethod
     def from_saved(cls, config: dict[str, Any]) -> "Live":
-        return cls()  # the adapter holds no training settings: the defaults are reported
+        logger.warning("The LIVE adapter records no training options (saved by an earlier version): its row "
+                       "reports LIVE's defaults.")
+        return cls()
 
     def build(self, backbone, task, seeds) -> Parts:
         adapter = LiveModel(backbone.model, LiveConfig(init_seed=seeds.init))
@@ -120,4 +119,4 @@ class Live(Method):
                                      adapter=adapter)
         objective = TeacherKL(backbone, task, prompter, teacher, self.ce_weight, self.kl_weight, self.kl_positions)
         groups = [{"params": ["shifts.vectors"], "lr": self.vector_lr}, {"params": ["shifts.scales"], "lr": self.scale_lr}]
-        return Parts(prompter, adapter, adapter, objective, groups)
+        return Parts(prompter, adapter, adapter, objective, groups, method=self)

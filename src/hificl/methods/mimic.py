@@ -22,6 +22,7 @@ model when ``v_h = 0``.
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,12 +32,14 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from ..adapters import ModelShape, ShiftModel, register_adapter, settings_from_saved
+from ..adapters import ShiftModel, register_adapter
 from ..core import attend_with_prefix
 from ..core.validate import boolean, integer, number
 from ..objectives import Teacher, TeacherMLPAlignment
-from ..routing import route_attention
+from ..routing import ModelShape, route_attention
 from .base import Method, Parts
+
+logger = logging.getLogger(__name__)
 
 MIMIC_ATTENTION = "hificl_mimic"
 SHIFT_ATTR = "hificl_mimic_shift"
@@ -134,10 +137,6 @@ class MimicModel(ShiftModel):
                 delattr(module, SHIFT_ATTR)
         self.routing.restore()
 
-    @classmethod
-    def _empty(cls, base_model, config: dict[str, Any]) -> "MimicModel":
-        return cls(base_model, settings_from_saved(MimicConfig, config))
-
 
 class MimIC(Method):
     name = "mimic"
@@ -162,7 +161,9 @@ class MimIC(Method):
 
     @classmethod
     def from_saved(cls, config: dict[str, Any]) -> "MimIC":
-        return cls()  # the adapter holds no training settings: the defaults are reported
+        logger.warning("The MimIC adapter records no training options (saved by an earlier version): its row "
+                       "reports MimIC's defaults.")
+        return cls()
 
     def build(self, backbone, task, seeds) -> Parts:
         adapter = MimicModel(backbone.model, MimicConfig(init_seed=seeds.init))
@@ -171,4 +172,5 @@ class MimIC(Method):
                                      adapter=adapter)
         objective = TeacherMLPAlignment(backbone, task, prompter, teacher, adapter.routing.mlps(),
                                         align_weight=self.align_weight, ce_weight=self.ce_weight)
-        return Parts(prompter, adapter, adapter, objective, [{"params": ["shifts.bias"], "weight_decay": 0.0}])
+        return Parts(prompter, adapter, adapter, objective, [{"params": ["shifts.bias"], "weight_decay": 0.0}],
+                     method=self)
