@@ -181,7 +181,7 @@ class PeftAdapterModel(AdapterModel):
             raise AdapterMismatchError(f"{folder} holds an adapter with other settings ({changed}) than adapter "
                                        f"{name!r}; load it with load_adapter instead.")
         tensors = self._saved_tensors(data, folder)
-        check_tensors(folder / WEIGHTS_NAME, tensors, self.adapter_state(name))
+        check_tensors(folder / WEIGHTS_NAME, tensors, get_peft_model_state_dict(self.peft_model, adapter_name=name))
         set_peft_model_state_dict(self.peft_model, tensors, adapter_name=name)
         if hasattr(config, "trained_by"):
             self.peft_config[name].trained_by = config.trained_by

@@ -15,9 +15,10 @@ from .icl import InContext, ZeroShot
 from .live import Live, LiveModel
 from .lora import Lora
 from .mimic import MimIC, MimicModel
+from .peft_prompts import Cartridge, PrefixTuning
 
 METHODS: Registry[type[Method]] = Registry("method")
-for _method in (ZeroShot, InContext, HiFICL, Live, MimIC, Lora, Distill):
+for _method in (ZeroShot, InContext, HiFICL, Live, MimIC, Lora, PrefixTuning, Cartridge, Distill):
     METHODS.register(_method.name, _method)
 
 
@@ -49,6 +50,6 @@ def method_for_adapter(folder) -> Method:
                                    "remove 'trained_by' to evaluate it under the settings its config holds.") from None
 
 
-__all__ = ["METHODS", "Method", "Parts", "Distill", "HiFICL", "InContext", "Live", "LiveModel", "Lora", "LoraModel", "MimIC",
+__all__ = ["METHODS", "Method", "Parts", "Cartridge", "Distill", "PrefixTuning", "HiFICL", "InContext", "Live", "LiveModel", "Lora", "LoraModel", "MimIC",
            "MimicModel", "ZeroShot", "get_method", "method_for_adapter",
            "register_method"]
