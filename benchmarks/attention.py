@@ -114,7 +114,7 @@ def run(args) -> list[dict]:
 
         def with_formula(formula, path="auto"):
             def fn(q, k, v):
-                setattr(module, PROVIDER_ATTR, lambda b, dt: VirtualPairs(*virtual(dt), formula, path))
+                setattr(module, PROVIDER_ATTR, lambda b, dt, device: VirtualPairs(*virtual(dt), formula, path))
                 return hificl_attention_forward(module, q, k, v, None)[0]
             return fn
 

@@ -1,8 +1,9 @@
 """Training-step and inference cost of the methods, measured in one run on the same model and batches.
 
-Training: median seconds of one optimiser step (forward, backward, AdamW step) of HiFICL, LoRA, LIVE and MimIC
-(the last two include their k-shot teacher forward, as they must), on the same training batches.
-Inference: mean seconds per query of zero-shot, k-shot ICL and HiFICL generating on the same test queries.
+Training: median seconds of one optimiser step (forward, backward, AdamW step) of HiFICL, LoRA, PEFT prefix tuning,
+PEFT CARTRIDGE, LIVE and MimIC (the last two include their k-shot teacher forward, as they must), on the same
+training batches. Inference: mean seconds per query of zero-shot, k-shot ICL, HiFICL and the two PEFT prefix methods
+generating on the same test queries.
 
     python benchmarks/methods.py                        # embedded default and its easy-VQA prompt, 8-shot teachers
     python benchmarks/methods.py --backbone PATH --task jsonl --task-option train=... --task-option test=...
@@ -82,7 +83,8 @@ def main() -> None:
     device = backbone.device
 
     training = {}
-    for name, options in [("hificl", {}), ("lora", {}), ("live", {"shots": args.shots}), ("mimic", {"shots": args.shots})]:
+    for name, options in [("hificl", {}), ("lora", {}), ("prefix_tuning", {}), ("cartridge", {}),
+                          ("live", {"shots": args.shots}), ("mimic", {"shots": args.shots})]:
         method = get_method(name, **options)
         parts = method.build(backbone, task, seeds)
         try:
@@ -95,7 +97,8 @@ def main() -> None:
 
     inference = {}
     config = GenerationConfig(batch_size=args.eval_batch_size)
-    for name, options in [("zero-shot", {}), ("icl", {"shots": args.shots}), ("hificl", {})]:
+    for name, options in [("zero-shot", {}), ("icl", {"shots": args.shots}), ("hificl", {}), ("prefix_tuning", {}),
+                          ("cartridge", {})]:
         method = get_method(name, **options)
         parts = method.build(backbone, task, seeds)
         try:

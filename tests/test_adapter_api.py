@@ -147,7 +147,7 @@ def test_loading_errors_name_the_problem(llama, tmp_path):
     data = json.loads((tmp_path / "adapter_config.json").read_text())
     data["rank"] = 0
     (tmp_path / "adapter_config.json").write_text(json.dumps(data))
-    with pytest.raises(HiFICLConfigError, match="rank"):
+    with pytest.raises(HiFICLConfigError, match=r"adapter_config.json: HiFICLConfig.rank"):
         HiFICLModel.from_pretrained(copy.deepcopy(llama.model), tmp_path)
 
 

@@ -245,3 +245,26 @@ def test_left_padded_generation_equals_each_row_alone(setting, name, tmp_path):
         assert torch.equal(tokens[row], alone_tokens[0])
         torch.testing.assert_close(scores[row], alone_scores[0], rtol=1e-4, atol=1e-4)
     adapter.unload()
+
+
+@pytest.mark.parametrize("name, options", [("live", {"shots": 2, "vector_lr": 1e-3, "kl_positions": "predicting"}),
+                                           ("mimic", {"shots": 2, "ce_weight": 0.25}),
+                                           ("hificl", {"rank": 4, "teacher_weight": 0.5, "teacher_shots": 2})])
+def test_a_saved_adapter_reports_the_options_that_trained_it(setting, name, options, tmp_path):
+    """`hificl eval --adapter` names the method by what trained the adapter (its ``trained_by`` record), not by
+    the method's defaults."""
+    from hificl.methods import method_for_adapter
+
+    backbone, task, _ = setting
+    backbone = copy.copy(backbone)
+    backbone.model = copy.deepcopy(backbone.model)
+    method = get_method(name, **options)
+    parts = method.build(backbone, task, Seeds(0, 0))
+    parts.adapter.save_pretrained(tmp_path)
+    parts.close()
+    assert method_for_adapter(tmp_path).options == method.options != get_method(name).options
+    config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    config["trained_by"]["options"]["shots"] = "many"
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(config))
+    with pytest.raises(AdapterMismatchError, match=r"adapter_config.json: its 'trained_by' record"):
+        method_for_adapter(tmp_path)

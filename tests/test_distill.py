@@ -56,6 +56,11 @@ def test_no_training_label_is_read(tiny_vlm, colour_task, tmp_path):
     summary = pipeline.train(config)  # every answer outside the labelled pool raises when read
     assert summary["train"]["steps"] == 2 * 6 and summary["train"]["best_epoch"] is None, "no labelled validation"
     assert summary["train"]["history"][-1]["train_loss"] >= 0
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())  # a PEFT HiFICL adapter
+    assert saved["peft_type"] == "HIFICL" and saved["trained_by"]["method"] == "distill"
+    from hificl.methods import method_for_adapter
+
+    assert method_for_adapter(tmp_path / "adapter").label.startswith("distilled"), "reported as what trained it"
     with pytest.raises(LabelReadError):  # the guard works: a labelled method reads the answers
         pipeline.train(RunConfig.from_dict({**config.to_dict(), "methods": [{"name": "hificl"}],
                                             "output_dir": str(tmp_path / "labelled")}))

@@ -151,10 +151,20 @@ class PeftAdapterModel(AdapterModel):
         with adapter_folder(save_directory) as tmp:
             self.peft_model.save_pretrained(str(tmp), selected_adapters=names)
 
+    @classmethod
+    def _parse(cls, data: dict[str, Any], folder: Path) -> PeftConfig:
+        """`_config_from_saved`, its errors saying which file the bad value comes from."""
+        try:
+            return cls._config_from_saved(data, folder)
+        except AdapterMismatchError:
+            raise
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"{folder / CONFIG_NAME}: {error}") from None
+
     def _read(self, folder: Path) -> tuple[PeftConfig, dict[str, Any]]:
         data = read_adapter_config(folder, self.title)
         check_saved_type(type(self), data, folder)
-        config = self._config_from_saved(data, folder)
+        config = self._parse(data, folder)
         self._check_saved(config, folder)
         return config, data
 
@@ -191,8 +201,7 @@ class PeftAdapterModel(AdapterModel):
 
     @classmethod
     def _for_saved(cls, base_model, data: dict[str, Any], folder: Path, adapter_name: str) -> "PeftAdapterModel":
-        config = cls._config_from_saved(data, folder)
-        return cls._attach(base_model, config, folder, adapter_name)
+        return cls._attach(base_model, cls._parse(data, folder), folder, adapter_name)
 
     @classmethod
     def _attach(cls, base_model, config: PeftConfig, folder: Path, adapter_name: str) -> "PeftAdapterModel":

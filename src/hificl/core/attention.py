@@ -2,8 +2,9 @@
 
 It is registered in transformers' `AttentionInterface` under `ATTENTION_NAME` and is called by every attention
 module of the routed language model with keys/values after RoPE and after the KV-cache update (so the virtual
-pairs never enter the cache). Each attention module carries a *provider* (attribute `PROVIDER_ATTR`), a
-callable ``provider(batch_size, dtype) -> routing`` that says which virtual pairs each batch row gets:
+pairs never enter the cache). Each attention module carries a *provider* (attribute `PROVIDER_ATTR`: the adapter's
+`hificl.tuner.HiFICLLayer`, a child module), a callable ``provider(batch_size, dtype, device) -> routing`` that says
+which virtual pairs each batch row gets:
 
 * ``None``: no virtual pairs (adapter disabled, layer not targeted): the plain SDPA backend runs unchanged;
 * a `VirtualPairs`: the same pairs for every row;
@@ -43,8 +44,8 @@ Routing = Union[None, VirtualPairs, Sequence[tuple[torch.Tensor, Union[VirtualPa
 
 def route(module: torch.nn.Module, query: torch.Tensor) -> Routing:
     """The virtual pairs this attention call gets, from the module's provider (None: no provider)."""
-    provider: Callable[[int, torch.dtype], Routing] | None = getattr(module, PROVIDER_ATTR, None)
-    return provider(query.shape[0], query.dtype) if provider is not None else None
+    provider: Callable[[int, torch.dtype, torch.device], Routing] | None = getattr(module, PROVIDER_ATTR, None)
+    return provider(query.shape[0], query.dtype, query.device) if provider is not None else None
 
 
 def expand_pairs(pairs: VirtualPairs, batch: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -45,21 +45,20 @@ class HiFICLLayer(nn.Module, BaseTunerLayer):
     adapter_layer_names = ("virtual_kv",)
     other_param_names = ("settings",)
 
-    def __init__(self, layer_index: int, device: torch.device, selection: RowSelection):
+    def __init__(self, layer_index: int, selection: RowSelection):
         super().__init__()
         self.virtual_kv = nn.ModuleDict()
         self.settings: dict[str, Any] = {}  # adapter name -> its HiFICLConfig (formula, attention path)
         self.layer_index = layer_index
-        self._device = device
         self._selection = selection
         self._active_adapter: list[str] = []
         self._disable_adapters = False
         self.merged_adapters = []
 
-    def update_layer(self, adapter_name: str, config, num_heads: int, head_dim: int,
+    def update_layer(self, adapter_name: str, config, num_heads: int, head_dim: int, device: torch.device,
                      generator: torch.Generator | None) -> None:
-        """Add adapter `adapter_name`'s freshly initialised pairs (drawn from `generator`)."""
-        self.virtual_kv[adapter_name] = VirtualKV(num_heads, head_dim, config, generator).to(self._device)
+        """Add adapter `adapter_name`'s freshly initialised pairs (drawn from `generator`) on `device`."""
+        self.virtual_kv[adapter_name] = VirtualKV(num_heads, head_dim, config, generator).to(device)
         self.settings[adapter_name] = config
 
     def enable_adapters(self, enabled: bool) -> None:
@@ -82,8 +81,8 @@ class HiFICLLayer(nn.Module, BaseTunerLayer):
         config = self.settings[name]
         return VirtualPairs(keys, values, config.formula, config.attention_path)
 
-    def forward(self, batch_size: int, dtype: torch.dtype):
-        """The routing of one attention call of `batch_size` rows (see `hificl.core.attention`)."""
+    def forward(self, batch_size: int, dtype: torch.dtype, device: torch.device):
+        """The routing of one attention call of `batch_size` rows on `device` (see `hificl.core.attention`)."""
         if self._disable_adapters:
             return None
         active = self._active_adapter[0] if self._active_adapter else None
@@ -93,7 +92,7 @@ class HiFICLLayer(nn.Module, BaseTunerLayer):
         groups: dict[str | None, list[int]] = {}
         for row, name in enumerate(rows):
             groups.setdefault(None if name == BASE_ROW else name, []).append(row)
-        return [(torch.tensor(indices, device=self._device), self.pairs(name, dtype)) for name, indices in groups.items()]
+        return [(torch.tensor(indices, device=device), self.pairs(name, dtype)) for name, indices in groups.items()]
 
 
 MERGE_REFUSED = ("HiFICL adapters cannot be merged into the base weights: the virtual key-value pairs are extra "

@@ -93,11 +93,12 @@ class HiFICLTuner(BaseTuner):
         """Give attention module `target` a `HiFICLLayer` child (once) and the adapter's pairs in it."""
         layer = getattr(target, PROVIDER_ATTR, None)
         if not isinstance(layer, HiFICLLayer):
-            index = self._routing.attention_modules.index(target)
-            layer = HiFICLLayer(index, self._routing.calls[index].device, self._selection)
+            layer = HiFICLLayer(self._routing.attention_modules.index(target), self._selection)
             target.add_module(PROVIDER_ATTR, layer)
+        own = next((p for n, p in target.named_parameters() if not n.startswith(PROVIDER_ATTR + ".")), None)
+        device = own.device if own is not None else self._routing.calls[layer.layer_index].device
         shape = self.shape
-        layer.update_layer(adapter_name, peft_config, shape.num_query_heads, shape.head_dim, generator)
+        layer.update_layer(adapter_name, peft_config, shape.num_query_heads, shape.head_dim, device, generator)
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         """The adapter's dtype is its config's ``dtype`` (float32 master weights by default, whatever the backbone's
