@@ -113,14 +113,15 @@ def main() -> None:
     zero = inference["zero-shot"]["seconds_per_query"]
     print(f"backbone {backbone.name}, task {task.name}, device {device}, threads {torch.get_num_threads()}")
     print(f"\ntraining step (batch {args.batch_size}, teachers with {args.shots} demonstrations), median of {args.steps}:")
-    print(f"{'method':<12} {'s / step':>9} {'x HiFICL':>9} {'params':>12}")
+    width = max(len(name) for name in (*training, *inference))
+    print(f"{'method':<{width}} {'s / step':>9} {'x HiFICL':>9} {'params':>12}")
     for name, row in training.items():
-        print(f"{name:<12} {row['seconds_per_step']:>9.3f} {row['seconds_per_step'] / hificl_step:>9.2f} "
+        print(f"{name:<{width}} {row['seconds_per_step']:>9.3f} {row['seconds_per_step'] / hificl_step:>9.2f} "
               f"{row['trainable_params']:>12,}")
     print(f"\ninference ({len(queries)} queries, batch {args.eval_batch_size}, greedy):")
-    print(f"{'method':<14} {'s / query':>10} {'x zero-shot':>12} {'tokens / query':>15}")
+    print(f"{'method':<{width}} {'s / query':>10} {'x zero-shot':>12} {'tokens / query':>15}")
     for name, row in inference.items():
-        print(f"{name:<14} {row['seconds_per_query']:>10.4f} {row['seconds_per_query'] / zero:>12.2f} "
+        print(f"{name:<{width}} {row['seconds_per_query']:>10.4f} {row['seconds_per_query'] / zero:>12.2f} "
               f"{row['prompt_tokens_per_query']:>15.0f}")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
