@@ -16,6 +16,7 @@ hificl's own (`hificl.adapters.shifts`). `load_adapter_model(base, folder)` load
 from __future__ import annotations
 
 import os
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar, Iterator, Sequence
 
@@ -29,7 +30,7 @@ from ..routing import freeze
 from .files import CONFIG_NAME, DEFAULT_ADAPTER, read_adapter_config
 
 
-class AdapterModel(nn.Module):
+class AdapterModel(nn.Module, ABC):
     """Base of every adapter model (see the module docstring). Subclasses set `method` and `title` (and, for a PEFT
     adapter, `peft_type`) and implement the adapter bookkeeping; the rest of the API is here."""
 
@@ -47,53 +48,54 @@ class AdapterModel(nn.Module):
 
     # ----------------------------------------------------------------------- to implement
     @property
+    @abstractmethod
     def adapter_names(self) -> list[str]:
         """The names of the adapters this model holds."""
-        raise NotImplementedError
 
     @property
+    @abstractmethod
     def active_adapter(self) -> str | None:
-        raise NotImplementedError
+        """The adapter every row gets by default (None: none)."""
 
+    @abstractmethod
     def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
         """The tensors of adapter `name` (its live parameters), by the names they are saved under."""
-        raise NotImplementedError
 
+    @abstractmethod
     def disable_adapter(self) -> Iterator[None]:
         """A context inside which the model is exactly the base model."""
-        raise NotImplementedError
 
+    @abstractmethod
     def save_pretrained(self, save_directory: str | os.PathLike, adapter_names: Sequence[str] | None = None) -> None:
         """Write the adapters (all by default) into `save_directory` in one folder swap: the adapter named
         "default" into the folder itself, any other into ``save_directory/<name>``. A folder saved to before is
         replaced as a whole; a folder holding anything else is refused."""
-        raise NotImplementedError
 
+    @abstractmethod
     def load_adapter(self, model_dir: str | os.PathLike, adapter_name: str = DEFAULT_ADAPTER,
                      is_trainable: bool = False) -> None:
         """Load a saved adapter under `adapter_name` (it becomes active if it is the only one)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def restore_weights(self, model_dir: str | os.PathLike, adapter_name: str | None = None) -> None:
         """Replace the weights of adapter `adapter_name` (default: the active one) by those saved in `model_dir`,
         which must hold an adapter of the same settings (e.g. a checkpoint of this training run)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def record_training(self, method: str, options: dict[str, Any]) -> None:
         """Record, in the active adapter's saved config, the hificl method and options that train it (so that
         `hificl eval --adapter` reports what actually trained it)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _release(self) -> None:
         """Undo what this model hooked into the base model."""
-        raise NotImplementedError
 
     @classmethod
+    @abstractmethod
     def _for_saved(cls, base_model: PreTrainedModel, config: dict[str, Any], folder: Path,
                    adapter_name: str) -> "AdapterModel":
         """An adapter model on `base_model` holding a fresh adapter `adapter_name` of the saved config `config`
         (the weights are loaded right after)."""
-        raise NotImplementedError
 
     # ----------------------------------------------------------------------- the common API
     def _check_names(self, names: Sequence[str | None]) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+from abc import abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar, Iterator, Sequence
 
@@ -49,14 +50,14 @@ class PeftAdapterModel(AdapterModel):
 
     # ----------------------------------------------------------------------- to implement
     @classmethod
+    @abstractmethod
     def _config_from_saved(cls, data: dict[str, Any], folder: Path) -> PeftConfig:
         """The PEFT config of a saved adapter_config.json."""
-        raise NotImplementedError
 
     @staticmethod
+    @abstractmethod
     def _settings(config: PeftConfig) -> dict[str, Any]:
         """What must agree between a checkpoint and the adapter it restores."""
-        raise NotImplementedError
 
     def _check_saved(self, config: PeftConfig, folder: Path) -> None:
         """Raise `AdapterMismatchError` (naming `folder`) when a saved config cannot go onto this model."""
@@ -204,8 +205,9 @@ class PeftAdapterModel(AdapterModel):
         return cls._attach(base_model, cls._parse(data, folder), folder, adapter_name)
 
     @classmethod
+    @abstractmethod
     def _attach(cls, base_model, config: PeftConfig, folder: Path, adapter_name: str) -> "PeftAdapterModel":
-        raise NotImplementedError
+        """A model on `base_model` with a fresh adapter `adapter_name` of `config`, from the saved `folder`."""
 
 
 def _peft_fields(cls: type, data: dict[str, Any], folder: Path) -> dict[str, Any]:
