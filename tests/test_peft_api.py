@@ -191,3 +191,22 @@ def test_the_transformers_trainer_example_trains_the_virtual_pairs(tmp_path):
     expected = _logits(model, inputs)
     assert torch.equal(_logits(PeftModel.from_pretrained(copy.deepcopy(case.model), tmp_path), inputs), expected)
     assert torch.equal(_logits(HiFICLModel.from_pretrained(copy.deepcopy(case.model), tmp_path), inputs), expected)
+
+
+def test_peft_generate_serves_one_adapter_per_row(case, both):
+    """``adapter_names`` on PEFT's `generate`: each row generates what it generates alone under its adapter (or the
+    base model), greedy, beams of one."""
+    peft_model, _ = both
+    inputs = case.make_inputs(batch_size=3, seq_len=8)  # unpadded: every row alone is the same tokens
+    names = ["other", "__base__", "default"]
+    with torch.no_grad():
+        mixed = peft_model.generate(**inputs, adapter_names=names, max_new_tokens=4, do_sample=False)
+        for row, name in enumerate(names):
+            alone = {k: v[row:row + 1] for k, v in inputs.items()}
+            if name == "__base__":
+                with peft_model.disable_adapter():
+                    expected = peft_model.generate(**alone, max_new_tokens=4, do_sample=False)
+            else:
+                peft_model.set_adapter(name)
+                expected = peft_model.generate(**alone, max_new_tokens=4, do_sample=False)
+            assert torch.equal(mixed[row], expected[0]), (row, name)
