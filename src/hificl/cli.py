@@ -7,6 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
+from .methods import METHODS
 from .run_config import DEFAULT_CONFIG, load_run_config, packaged_configs
 
 EPILOG = f"""
@@ -20,6 +21,7 @@ configs:
   Your own data: a JSONL task (one {{"image": ..., "question": ..., "answer": ...}} per line):
     --set task.name=jsonl --set task.train=data/train.jsonl --set task.test=data/test.jsonl
   Your own model: --backbone PATH_OR_MODEL_ID (a vision config loads its processor too).
+  Methods by name: {", ".join(METHODS.names())} (their options: the README's protocol and hificl.methods).
 
 examples:
   hificl compare                                   # zero-shot, 1/2/4/8-shot ICL and HiFICL on easy-VQA
