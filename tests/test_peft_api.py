@@ -210,3 +210,25 @@ def test_peft_generate_serves_one_adapter_per_row(case, both):
                 peft_model.set_adapter(name)
                 expected = peft_model.generate(**alone, max_new_tokens=4, do_sample=False)
             assert torch.equal(mixed[row], expected[0]), (row, name)
+
+
+@pytest.mark.parametrize("change", [{"intermediate_size": 96, "hidden_size": 96}, {"num_hidden_layers": 3}],
+                         ids=["wider", "deeper"])
+def test_a_lora_adapter_is_checked_against_the_model(tmp_path, change):
+    """A LoRA folder onto a Llama of another width, or a deeper one with the same module names: refused, naming
+    the file, before PEFT loads anything (the names and shapes of every saved tensor are checked)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hificl.adapters import LoraModel
+
+    def llama(**overrides):
+        torch.manual_seed(0)
+        fields = dict(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+        return LlamaForCausalLM(LlamaConfig(**{**fields, **overrides}))
+
+    LoraModel(llama(), init_seed=0).save_pretrained(tmp_path)
+    message = "adapter_model.safetensors does not match" if "hidden_size" in change else "trained for another model"
+    with pytest.raises(AdapterMismatchError, match=message):
+        load_adapter_model(llama(**change), tmp_path)
+    assert isinstance(load_adapter_model(llama(), tmp_path), LoraModel)

@@ -360,12 +360,14 @@ class LoraModel(PeftAdapterModel):
 
     def __init__(self, base_model, r: int = 16, alpha: int = 32, dropout: float = 0.05, init_seed: int | None = None,
                  peft_config: LoraConfig | None = None, adapter_name: str = DEFAULT_ADAPTER):
+        projections = attention_projections(base_model)  # before PEFT wraps them
         config = peft_config or LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none",
-                                           target_modules=attention_projections(base_model))
+                                           target_modules=projections)
         with torch.random.fork_rng(devices=[]):  # peft initialises A from the global generator
             if init_seed is not None:
                 torch.manual_seed(init_seed)
             super().__init__(base_model, config, adapter_name)
+        self._projections = set(projections)
 
     @classmethod
     def _config_from_saved(cls, data: dict[str, Any], folder: Path) -> LoraConfig:
@@ -375,6 +377,20 @@ class LoraModel(PeftAdapterModel):
     @staticmethod
     def _settings(config: LoraConfig) -> dict[str, Any]:
         return {"r": config.r, "lora_alpha": config.lora_alpha, "target_modules": sorted(config.target_modules or [])}
+
+    def _check_saved(self, config: LoraConfig, folder: Path) -> None:
+        """An adapter that names its targets by full path (as hificl's LoRA does: every attention projection of the
+        language model) must name exactly this model's: a deeper model of the same width would otherwise load it
+        and run with its extra layers unadapted."""
+        saved = config.target_modules
+        if not isinstance(saved, (list, set, tuple)) or not all("." in name for name in saved):
+            return  # targets by suffix (q_proj, ...) or pattern: PEFT matches them on any model
+        here = self._projections
+        if set(saved) != here:
+            raise AdapterMismatchError(
+                f"The LoRA adapter in {folder} targets {len(saved)} attention projections that are not this model's "
+                f"{len(here)} (e.g. {sorted(set(saved) ^ here)[:2]}): it was trained for another model (another "
+                "depth or layout). Load it onto the model it was trained for, or train a new adapter.")
 
     @classmethod
     def _attach(cls, base_model, config: LoraConfig, folder: Path, adapter_name: str) -> "LoraModel":
