@@ -7,6 +7,7 @@ import copy
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -166,14 +167,13 @@ def test_without_import_hificl_peft_says_what_the_readme_says(tmp_path):
     out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "model"), str(tmp_path / "adapter")],
                          capture_output=True, text=True)
     assert out.returncode != 0 and "KeyError: 'HIFICL'" in out.stderr
-    readme = (__import__("pathlib").Path(__file__).parents[1] / "README.md").read_text()
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
     assert "KeyError: 'HIFICL'" in readme and "import hificl" in readme
 
 
 def test_the_transformers_trainer_example_trains_the_virtual_pairs(tmp_path):
     """examples/peft_trainer.py on a tiny model: the loss falls, and the saved folder loads in both APIs."""
     import importlib.util
-    from pathlib import Path
 
     from fixtures import family_tokenizer
 
