@@ -103,6 +103,16 @@ class AdapterModel(nn.Module, ABC):
         if unknown:
             raise ValueError(f"Unknown adapter(s) {unknown}; this model has {self.adapter_names}.")
 
+    def _row_names(self, adapter_names: Sequence[str | None] | None) -> list[str | None] | None:
+        """The ``adapter_names`` of a forward/generate call, checked: one known adapter name (or None) per row."""
+        if adapter_names is None:
+            return None
+        adapter_names = list(adapter_names)
+        if not adapter_names:
+            raise ValueError("adapter_names is empty: give one adapter name (or None) per batch row.")
+        self._check_names(adapter_names)
+        return adapter_names
+
     def delete_adapter(self, adapter_name: str) -> None:
         raise ValueError(f"A {self.title} model holds exactly one adapter and cannot delete it; use unload() to get "
                          "the base model back.")

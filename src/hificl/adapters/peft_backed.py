@@ -121,12 +121,10 @@ class PeftAdapterModel(AdapterModel):
             yield
 
     def _names(self, adapter_names: Sequence[str | None] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
-        if adapter_names is not None:
-            adapter_names = list(adapter_names)
-            if not adapter_names:
-                raise ValueError("adapter_names is empty: give one adapter name (or None) per batch row.")
-            self._check_names(adapter_names)
-            kwargs["adapter_names"] = [BASE_ROW if name is None else name for name in adapter_names]
+        """`kwargs` with ``adapter_names`` in PEFT's terms (None -> "__base__") where a call mixes adapters."""
+        names = self._row_names(adapter_names)
+        if names is not None and self.adapter_names:
+            kwargs["adapter_names"] = [BASE_ROW if name is None else name for name in names]
         return kwargs
 
     def _runner(self) -> nn.Module:
@@ -134,16 +132,10 @@ class PeftAdapterModel(AdapterModel):
         return self.peft_model if self.adapter_names else self.base_model
 
     def forward(self, *args, adapter_names: Sequence[str | None] | None = None, **kwargs):
-        kwargs = self._names(adapter_names, kwargs)
-        if not self.adapter_names:
-            kwargs.pop("adapter_names", None)
-        return self._runner()(*args, **kwargs)
+        return self._runner()(*args, **self._names(adapter_names, kwargs))
 
     def generate(self, *args, adapter_names: Sequence[str | None] | None = None, **kwargs):
-        kwargs = self._names(adapter_names, kwargs)
-        if not self.adapter_names:
-            kwargs.pop("adapter_names", None)
-        return self._runner().generate(*args, **kwargs)
+        return self._runner().generate(*args, **self._names(adapter_names, kwargs))
 
     # ----------------------------------------------------------------------- files
     def save_pretrained(self, save_directory, adapter_names: Sequence[str] | None = None) -> None:

@@ -19,6 +19,7 @@ from transformers import PreTrainedModel
 from ..core import AdapterMismatchError
 from ..core.validate import known_fields
 from ..routing import ModelShape
+from ..tuner.layer import RowSelection
 from .base import AdapterModel
 from .files import (CONFIG_NAME, DEFAULT_ADAPTER, WEIGHTS_NAME, adapter_folder, check_tensors, read_adapter_config,
                     read_adapter_weights, write_adapter)
@@ -40,7 +41,7 @@ class ShiftModel(AdapterModel):
         self.shape: ModelShape | None = None
         self.shifts: nn.Module | None = None
         self._disabled = False
-        self._row_adapters: list[str | None] | None = None
+        self._selection = RowSelection()
 
     @property
     def adapter_names(self) -> list[str]:
@@ -65,31 +66,20 @@ class ShiftModel(AdapterModel):
 
     @contextlib.contextmanager
     def _rows(self, adapter_names: Sequence[str | None] | None) -> Iterator[None]:
-        if adapter_names is not None:
-            adapter_names = list(adapter_names)
-            if not adapter_names:
-                raise ValueError("adapter_names is empty: give one adapter name (or None) per batch row.")
-            self._check_names(adapter_names)
-        previous, self._row_adapters = self._row_adapters, adapter_names
+        previous, self._selection.names = self._selection.names, self._row_names(adapter_names)
         try:
             yield
         finally:
-            self._row_adapters = previous
+            self._selection.names = previous
 
     def row_mask(self, batch_size: int, device: torch.device) -> bool | torch.Tensor:
         """False: leave every row alone; True: shift every row; a boolean ``[batch]`` tensor: shift those rows."""
         if self._disabled:
             return False
-        names = self._row_adapters
-        if names is None:
-            return True
-        if batch_size != len(names):
-            if batch_size % len(names):
-                raise ValueError(f"adapter_names has {len(names)} entries but the batch has {batch_size} rows.")
-            names = [name for name in names for _ in range(batch_size // len(names))]  # beams/samples per row
-        if all(name is not None for name in names):
-            return True
-        return torch.tensor([name is not None for name in names], device=device)
+        rows = self._selection.rows_for(batch_size, DEFAULT_ADAPTER)
+        if rows is None or isinstance(rows, str):
+            return rows is not None
+        return torch.tensor([name is not None for name in rows], device=device)
 
     def forward(self, *args, adapter_names: Sequence[str | None] | None = None, **kwargs):
         with self._rows(adapter_names):

@@ -180,24 +180,13 @@ class SplitKernels:
         return None
 
     def bias(self, mask: torch.Tensor | None, kv_length: int, dtype: torch.dtype) -> torch.Tensor | None:
-        """The model's mask as the additive bias the kernels take: 0 where visible, a large finite negative value
-        where not (a -inf row would give a fully masked query a log-sum-exp of 0 instead of -inf). Its rows are
-        stored 16-aligned (as the memory-efficient kernel needs)."""
+        """`additive_bias` of the mask, made once per mask (see the class docstring)."""
         if mask is None:
             return None
         key = (mask._version, dtype, kv_length)
-        if self._bias is not None and self._bias[0]() is mask and self._bias[1] == key:
-            return self._bias[2]
-        visible = mask[..., :kv_length]
-        floor = -0.5 * torch.finfo(dtype).max
-        padded = -(-kv_length // 16) * 16
-        bias = torch.zeros(visible.shape[:-1] + (padded,), dtype=dtype, device=mask.device)[..., :kv_length]
-        if visible.dtype == torch.bool:
-            bias.masked_fill_(~visible, floor)
-        else:
-            bias.copy_(visible.to(dtype).clamp_min(floor))
-        self._bias = (weakref.ref(mask), key, bias)
-        return bias
+        if self._bias is None or self._bias[0]() is not mask or self._bias[1] != key:
+            self._bias = (weakref.ref(mask), key, additive_bias(mask, kv_length, dtype))
+        return self._bias[2]
 
     def passes_check(self, kernel: Kernel, query: torch.Tensor, masked: bool, grouped: bool) -> bool:
         """Whether `kernel` gives the concatenation path's output and gradients on a small random case like the
@@ -218,6 +207,21 @@ class SplitKernels:
 
 
 SPLIT_KERNELS = SplitKernels()
+
+
+def additive_bias(mask: torch.Tensor, kv_length: int, dtype: torch.dtype) -> torch.Tensor:
+    """The model's mask as the additive bias the kernels take: 0 where visible, a large finite negative value where
+    not (a -inf row would give a fully masked query a log-sum-exp of 0 instead of -inf). Its rows are stored
+    16-aligned (as the memory-efficient kernel needs)."""
+    visible = mask[..., :kv_length]
+    floor = -0.5 * torch.finfo(dtype).max
+    padded = -(-kv_length // 16) * 16
+    bias = torch.zeros(visible.shape[:-1] + (padded,), dtype=dtype, device=mask.device)[..., :kv_length]
+    if visible.dtype == torch.bool:
+        bias.masked_fill_(~visible, floor)
+    else:
+        bias.copy_(visible.to(dtype).clamp_min(floor))
+    return bias
 
 
 def _candidates(query: torch.Tensor, bias: torch.Tensor | None) -> list[Kernel]:
@@ -248,7 +252,8 @@ def _self_check(kernel: Kernel, device: torch.device, dtype: torch.dtype, d: int
             inputs = [x.detach().clone().requires_grad_(True) for x in leaves]
             q, k, v, pk, pv = inputs
             if fast:
-                out = _split(kernel, q, k, v, SplitKernels().bias(mask, t, dtype), pk, pv, mask is None, d ** -0.5)
+                bias = additive_bias(mask, t, dtype) if mask is not None else None
+                out = _split(kernel, q, k, v, bias, pk, pv, mask is None, d ** -0.5)
             else:
                 out = _concatenated(None, q, k, v, mask, pk.expand(b, -1, -1, -1), pv.expand(b, -1, -1, -1), 0.0,
                                     d ** -0.5, True).transpose(1, 2)

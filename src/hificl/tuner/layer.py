@@ -21,7 +21,8 @@ BASE_ROW = "__base__"  # PEFT's name for a row that runs on the base model in a 
 
 
 class RowSelection:
-    """Which adapter each row of the current batch gets, shared by every layer of one model: None outside a
+    """Which adapter each row of the current batch gets, shared by every layer of one model (and by the hooks of
+    LIVE and MimIC): None outside a
     mixed-adapter call, else one adapter name (or None / "__base__" for the base model) per row."""
 
     def __init__(self) -> None:
