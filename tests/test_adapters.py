@@ -268,3 +268,28 @@ def test_a_saved_adapter_reports_the_options_that_trained_it(setting, name, opti
     (tmp_path / CONFIG_NAME).write_text(json.dumps(config))
     with pytest.raises(AdapterMismatchError, match=r"adapter_config.json: its 'trained_by' record"):
         method_for_adapter(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["hificl", "lora", "prefix_tuning", "cartridge"])
+def test_answer_loss_equals_the_loss_of_the_whole_sequence_logits(setting, name):
+    """The training loss runs the LM head only where an answer token is predicted: its value and gradients equal
+    those of the model's own loss over the whole sequence's logits."""
+    backbone, task, _ = setting
+    backbone = copy.copy(backbone)
+    backbone.model = copy.deepcopy(backbone.model)
+    parts = get_method(name, **METHODS[name]).build(backbone, task, Seeds(0, 0))
+    assert parts.objective.keep_logits
+    batch = parts.objective.batch(task.splits["train"][:3])
+    assert (batch["labels"] == -100).sum() > batch["labels"].numel() / 2  # most positions carry no label
+    params = [p for p in parts.model.parameters() if p.requires_grad]
+    parts.model.train()
+    losses, grads = [], []
+    for compute in (lambda: parts.objective.loss(parts.model, batch), lambda: parts.model(**batch).loss):
+        torch.manual_seed(0)  # the same dropout draws (LoRA)
+        loss = compute()
+        losses.append(loss.item())
+        grads.append(torch.autograd.grad(loss, params))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    for fast, whole in zip(*grads):
+        assert torch.allclose(fast, whole, rtol=1e-5, atol=1e-8)
+    assert any(g.abs().sum() > 0 for g in grads[0])

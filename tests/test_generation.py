@@ -65,3 +65,55 @@ def test_beam_search_repeats_row_adapters_per_beam():
         model.set_adapter("other")
         first = model.generate(**case.row_inputs(inputs, 0), max_new_tokens=4, num_beams=3, do_sample=False)
     assert torch.equal(mixed[0, inputs["input_ids"].shape[1]:], first[0, -4:])
+
+
+
+@pytest.fixture(scope="module")
+def smollm2_backbone():
+    from hificl.backbones import load_backbone
+
+    return load_backbone("embedded-text")
+
+
+@pytest.mark.parametrize("adapter", [False, True])
+def test_stopping_at_stop_strings_gives_the_answers_of_the_whole_budget(smollm2_backbone, adapter):
+    """Each sequence stops at the first of the task's stop strings, batched, and every post-processed answer equals
+    the one cut from a generation of the whole budget (real SmolLM2, real tokenizer); beam search runs the whole
+    budget, its answers unchanged."""
+    import dataclasses
+
+    from hificl.adapters import get_hificl_model
+    from hificl.generation import generate_answers
+    from hificl.tasks import get_task
+
+    backbone = smollm2_backbone
+    model = (get_hificl_model(backbone.model, HiFICLConfig(value_b_std=0.05, init_seed=1)) if adapter
+             else backbone.model)
+    try:
+        task = get_task("capitals")
+        prompts = [task.query_prompt(e) for e in task.splits["test"][:6]]
+        batch = backbone.encode(prompts, padding_side="left")
+        length, budget = batch["input_ids"].shape[1], 10
+        with torch.no_grad():
+            whole = model.generate(**batch, max_new_tokens=budget, do_sample=False,
+                                   pad_token_id=backbone.pad_token_id)
+        tokens = whole[:, length:]
+        # the task's own "\n", and a word that ends two continuations part-way
+        words = [backbone.decode(tokens[row, 2:3]) for row in (0, 3)]
+        stops = tuple(dict.fromkeys(["\n"] + [w for w in words if w.strip()]))
+        assert len(stops) > 1
+        stopping = dataclasses.replace(task, stop_strings=stops)
+        stopped = generate_answers(model, backbone, stopping, batch, budget)
+        assert [stopping.postprocess(raw) for raw in stopped] == \
+            [stopping.postprocess(backbone.decode(row)) for row in tokens]
+        lengths = [len(backbone.tokenizer(raw, add_special_tokens=False)["input_ids"]) for raw in stopped]
+        assert min(lengths) < budget  # sequences did stop early, each where it met a stop string
+        assert all(any(stop in raw for stop in stops) or n >= budget for raw, n in zip(stopped, lengths))
+        beams = generate_answers(model, backbone, stopping, batch, budget, num_beams=2)
+        with torch.no_grad():
+            whole_beams = model.generate(**batch, max_new_tokens=budget, num_beams=2, do_sample=False,
+                                         pad_token_id=backbone.pad_token_id)
+        assert beams == [backbone.decode(row) for row in whole_beams[:, length:]]
+    finally:
+        if adapter:
+            model.unload()

@@ -60,6 +60,10 @@ def test_compare_runs_train_eval_report_end_to_end(workspace, tmp_path):
     assert hificl["id"].startswith("hificl-") and hificl["seeds"] == [3407]
     train = tmp_path / hificl["id"] / "seed-3407" / "train"
     assert (train / "epoch-2" / "artifact" / "adapter_model.safetensors").is_file()
+    phases = [p["phase"] for p in saved["phases"]]  # the wall time of each phase, in order
+    assert phases == ["load backbone and data", "zero-shot", "2-shot ICL", "HiFICL", "data efficiency"]
+    assert 0.9 * saved["total_seconds"] <= sum(p["seconds"] for p in saved["phases"]) <= saved["total_seconds"]
+    assert "Wall time:" in table
 
 
 def test_cli_train_then_eval_with_the_saved_adapter(workspace, tmp_path, capsys):

@@ -1,4 +1,5 @@
-"""The evaluator: batched generation with left padding, answer post-processing, the task's metric, time and prompt
+"""The evaluator: batched generation with left padding (stopped at the task's stop strings,
+`hificl.generation`), answer post-processing, the task's metric, time and prompt
 tokens per query. It is given what it needs explicitly -- the model that generates, the prompter that shows each
 query, the backbone that encodes and decodes, the task that scores -- and knows nothing of any method.
 
@@ -23,6 +24,7 @@ from tqdm.auto import tqdm
 from .backbones import Backbone
 from .core.validate import integer
 from .distributed import process_state
+from .generation import generate_answers
 from .io import atomic_write_json, atomic_write_text
 from .prompting import Prompter
 from .tasks import Example, Task
@@ -79,8 +81,7 @@ def evaluate(model: torch.nn.Module, prompter: Prompter, backbone: Backbone, tas
     sharded_weights = state.num_processes > 1 and state.distributed_type in (DistributedType.FSDP,
                                                                              DistributedType.DEEPSPEED)
     max_new_tokens = config.max_new_tokens or task.max_new_tokens
-    generation = dict(max_new_tokens=max_new_tokens, num_beams=config.num_beams, do_sample=False,
-                      pad_token_id=backbone.pad_token_id, **({"synced_gpus": True} if sharded_weights else {}))
+    options = {"synced_gpus": True} if sharded_weights else {}
     predictions, scores, prompt_tokens, seconds = [], [], 0, 0.0
     was_training = model.training
     model.eval()
@@ -93,16 +94,13 @@ def evaluate(model: torch.nn.Module, prompter: Prompter, backbone: Backbone, tas
         counted = max(0, min(len(chunk), real - start))
         prompt_tokens += int(batch["attention_mask"][:counted].sum())
         if warmup and start == 0:
-            with torch.no_grad():
-                model.generate(**batch, **{**generation, "max_new_tokens": min(2, max_new_tokens)})
+            generate_answers(model, backbone, task, batch, min(2, max_new_tokens), config.num_beams, **options)
         _synchronize(backbone.device)
         began = time.perf_counter()
-        with torch.no_grad():
-            output = model.generate(**batch, **generation)
+        raws = generate_answers(model, backbone, task, batch, max_new_tokens, config.num_beams, **options)
         _synchronize(backbone.device)
         seconds += (time.perf_counter() - began) * counted / len(chunk)
-        for example, tokens in list(zip(chunk, output[:, batch["input_ids"].shape[1]:]))[:counted]:
-            raw = backbone.decode(tokens)
+        for example, raw in list(zip(chunk, raws))[:counted]:
             answer = task.postprocess(raw)
             score = task.score(answer, example)  # None under a corpus metric: the whole set is scored below
             if score is not None:

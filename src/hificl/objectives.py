@@ -13,6 +13,7 @@ token by token with the student's and runs the model on them inside ``model.disa
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -20,17 +21,22 @@ import torch
 from accelerate.utils import extract_model_from_parallel
 from torch import nn
 
-from .backbones import Backbone
+from .backbones import IGNORE_INDEX, Backbone
 from .prompting import KShot, Prompter
 from .seeding import Seeds
 from .tasks import Example, Task
 
 
 class AnswerLoss:
-    """Cross-entropy on the answer tokens: the prompt then the target, right-padded, `labels` on the target."""
+    """Cross-entropy on the answer tokens: the prompt then the target, right-padded, `labels` on the target.
+
+    Only the positions that predict an answer token of some row go through the LM head (``logits_to_keep``, where
+    the backbone takes it): the loss and its gradients are those of the whole-sequence logits (the other positions
+    have no label), without the LM head's matrix product over every prompt token (a fifth of a small model's step)."""
 
     def __init__(self, backbone: Backbone, task: Task, prompter: Prompter):
         self.backbone, self.task, self.prompter = backbone, task, prompter
+        self.keep_logits = "logits_to_keep" in inspect.signature(backbone.model.forward).parameters
 
     def student_batch(self, items: list[Example]) -> dict[str, torch.Tensor]:
         return self.backbone.encode([self.prompter.prompt(e) for e in items], [self.task.target_text(e) for e in items],
@@ -41,7 +47,13 @@ class AnswerLoss:
         return self.student_batch(items)
 
     def loss(self, model: nn.Module, batch) -> torch.Tensor:
-        return model(**batch).loss
+        if not self.keep_logits:
+            return model(**batch).loss
+        targets = batch["labels"][:, 1:]  # position t predicts token t + 1
+        positions = (targets != IGNORE_INDEX).any(0).nonzero().flatten()
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}, logits_to_keep=positions).logits
+        return nn.functional.cross_entropy(logits.float().flatten(0, 1), targets[:, positions].flatten(),
+                                           ignore_index=IGNORE_INDEX)
 
 
 # ------------------------------------------------------------------------------------------------ teachers

@@ -337,16 +337,28 @@ def compare(config: RunConfig, restart: bool = False) -> dict[str, Any]:
     from .report import write_report
 
     started = time.perf_counter()
+    phases: list[dict[str, Any]] = []  # wall time of each phase, in order
+
+    def phase(name: str, since: float) -> float:
+        now = time.perf_counter()
+        phases.append({"phase": name, "seconds": now - since})
+        return now
+
     with _holding(config):
         run = Run(config, restart)
         run.write_test_ids()
+        clock = phase("load backbone and data", started)
         rows, replicates = [], []
         for method in run.methods:
             mine, aggregated = run.run_method(method)
             replicates += mine
             rows += aggregated
-        results = {**run.report_header(), "rows": rows, "replicates": replicates,
-                   "data_efficiency": run.data_efficiency()}
+            clock = phase(method.label, clock)
+        efficiency = run.data_efficiency()
+        if efficiency:
+            phase("data efficiency", clock)
+        results = {**run.report_header(), "rows": rows, "replicates": replicates, "data_efficiency": efficiency,
+                   "phases": phases}
         results["total_seconds"] = time.perf_counter() - started
         if run.main:
             write_report(results, run.output_dir)

@@ -89,7 +89,14 @@ def markdown_table(results: dict[str, Any]) -> str:
             low, high = interval(point) or (point["score"], point["score"])
             text += (f"| {point['samples']} | {point['epochs']} | {metric.format(point['score'])} | "
                      f"{metric.scale(low):.2f}-{metric.scale(high):.2f} |\n")
+    if results.get("phases"):
+        spent = ", ".join(f"{p['phase']} {_duration(p['seconds'])}" for p in results["phases"])
+        text += f"\nWall time: {_duration(results['total_seconds'])} in all ({spent}).\n"
     return text
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
 def _plots(results: dict[str, Any], folder: Path) -> list[Path]:

@@ -58,3 +58,11 @@ def known_fields(data: Any, known: Iterable[str], what: str, *, error: type[Exce
     if unknown:
         raise error(f"Unknown {what} field(s) {unknown}; known fields: {sorted(known)}.")
     return data
+
+
+def unknown_options(owner: str, given: Iterable[str], known: Iterable[str]) -> str:
+    """The message for options `owner` does not take: only the unknown ones, then the ones it takes."""
+    known = sorted(set(known))
+    unknown = sorted(set(given) - set(known))
+    takes = f"its options: {', '.join(known)}" if known else "it takes no options"
+    return f"{owner} has no option(s) {unknown}; {takes}."

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..adapters import CONFIG_NAME, LoraModel, saved_method
 from ..core import AdapterMismatchError
+from ..core.validate import unknown_options
 from ..registry import Registry
 from .base import Method, Parts
 from .distill import Distill
@@ -29,11 +30,12 @@ def register_method(cls: type[Method], replace: bool = False) -> type[Method]:
 
 
 def get_method(name: str, **options) -> Method:
+    """Method `name` with `options`; an option it does not take is named, with the ones it takes."""
     cls = METHODS.get(name)
-    try:
-        return cls(**options)
-    except TypeError as error:
-        raise ValueError(f"Method {name!r}: bad option(s) {sorted(options)}: {error}") from None
+    known = cls.option_names()
+    if set(options) - set(known):
+        raise ValueError(unknown_options(f"Method {name!r}", options, known))
+    return cls(**options)
 
 
 def method_for_adapter(folder) -> Method:

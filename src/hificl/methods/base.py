@@ -5,6 +5,7 @@ batches and the loss). Trainer, evaluator and pipeline only see the parts."""
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 from dataclasses import InitVar, dataclass, field
 from typing import Any, ClassVar
@@ -13,6 +14,7 @@ from torch import nn
 
 from ..adapters import AdapterModel, load_adapter_model
 from ..backbones import Backbone
+from ..core.validate import unknown_options
 from ..objectives import AnswerLoss
 from ..prompting import Prompter
 from ..seeding import Seeds
@@ -62,8 +64,25 @@ class Method:
 
     def __init__(self, **options: Any):
         if options:
-            raise ValueError(f"Method {self.name!r} takes no option(s) {sorted(options)}.")
+            raise ValueError(unknown_options(f"Method {self.name!r}", options, self.option_names()))
         self.train_overrides: dict[str, Any] = {}  # per-method training settings (e.g. LoRA's learning rate)
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        """The options the method takes: the keyword parameters of its constructors, up the class chain for as
+        long as a constructor passes ``**options`` on (a method whose options feed a config adds its fields)."""
+        names: set[str] = set()
+        for klass in cls.__mro__:
+            if klass is Method:
+                break
+            init = klass.__dict__.get("__init__")
+            if init is None:
+                continue
+            parameters = list(inspect.signature(init).parameters.values())[1:]
+            names |= {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+            if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+                break
+        return sorted(names)
 
     @property
     def options(self) -> dict[str, Any]:

@@ -28,8 +28,10 @@ from torch import nn
 
 from ..adapters import AdapterModel
 from ..core.validate import choice, integer, number
+from ..generation import generate_answers
 from ..adapters import HiFICLModel
 from ..tuner import HiFICLConfig
+from ..tuner.config import HIFICL_FIELDS
 from ..objectives import Teacher, TeacherBatch, TeacherMLPAlignment, TeacherObjective, answer_positions
 from ..prompting import KShot
 from ..tasks import Example, Query, unlabelled
@@ -59,9 +61,8 @@ class TeacherAnswers:
             batch = backbone.encode(teacher.prompts(queries), padding_side="left")
             batch = {k: v.to(backbone.device) for k, v in batch.items()}
             with model.disable_adapter():
-                out = model.generate(**batch, max_new_tokens=self.task.max_new_tokens, do_sample=False,
-                                     pad_token_id=backbone.pad_token_id)
-            draws.append([self.task.postprocess(backbone.decode(t)) for t in out[:, batch["input_ids"].shape[1]:]])
+                raws = generate_answers(model, backbone, self.task, batch, self.task.max_new_tokens)
+            draws.append([self.task.postprocess(raw) for raw in raws])
         model.train(was_training)
         answers = {}
         for index, query in enumerate(queries):
@@ -175,6 +176,10 @@ class Distill(Method):
         self.ce_weight = float(number(ce_weight, "distill: ce_weight"))
         self.init = choice(init, "distill: init", ("random", "demonstrations"))
         self.config = HiFICLConfig(**options)
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        return sorted(set(super().option_names()) | set(HIFICL_FIELDS))
 
     @property
     def options(self) -> dict[str, Any]:

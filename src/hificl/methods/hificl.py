@@ -30,6 +30,10 @@ class HiFICL(Method):
         self.teacher_weight = float(number(teacher_weight, "hificl: teacher_weight"))
         self.teacher_shots = integer(teacher_shots, "hificl: teacher_shots")
 
+    @classmethod
+    def option_names(cls) -> list[str]:
+        return sorted(set(super().option_names()) | set(HIFICL_FIELDS))
+
     @property
     def options(self) -> dict[str, Any]:
         return {**self.config.settings(), "teacher_weight": self.teacher_weight, "teacher_shots": self.teacher_shots}

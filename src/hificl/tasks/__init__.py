@@ -8,6 +8,7 @@ from __future__ import annotations
 import inspect
 from typing import Callable
 
+from ..core.validate import unknown_options
 from ..registry import Registry
 from ..seeding import DEFAULT_SEED
 from .base import (DEFAULT_TEMPLATE, Answer, CorpusScore, Example, ImageRef, Instruction, Query, Segment, Task,
@@ -25,7 +26,9 @@ for _name, _factory in (("easy-vqa", easyvqa_task), ("jsonl", jsonl_task), ("vqa
 
 
 def register_task(name: str, factory: Callable[..., Task], replace: bool = False) -> None:
-    """Serve `factory(seed=..., **options) -> Task` as task `name` (see `hificl.tasks` for the seed)."""
+    """Serve `factory(seed=..., **options) -> Task` as task `name` (see `hificl.tasks` for the seed). Options
+    beyond the factory's named parameters (its ``**options``) must be `Task` fields, or be listed in
+    ``factory.extra_options``: anything else is refused before the factory runs."""
     TASKS.register(name, factory, replace=replace)
 
 
@@ -35,11 +38,18 @@ def get_task(name: str, seed: int = DEFAULT_SEED, **options) -> Task:
     if "seed" in options:
         raise ValueError(f"Task {name!r}: 'seed' is not a task option: the run's `seed` is the task's data seed.")
     accepted = inspect.signature(factory).parameters
-    seeded = "seed" in accepted or any(p.kind is p.VAR_KEYWORD for p in accepted.values())
-    try:
-        return factory(**options, **({"seed": seed} if seeded else {}))
-    except TypeError as error:
-        raise ValueError(f"Task {name!r}: bad option(s) {sorted(options)}: {error}") from None
+    passes_on = any(p.kind is p.VAR_KEYWORD for p in accepted.values())
+    seeded = "seed" in accepted or passes_on
+    known = {n for n, p in accepted.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"seed"}
+    if passes_on:  # a factory's further options are `Task` fields, and any it names in `extra_options`
+        known |= set(Task.__dataclass_fields__) - {"name", "splits"} | set(getattr(factory, "extra_options", ()))
+    if set(options) - known:
+        raise ValueError(unknown_options(f"Task {name!r}", options, known))
+    missing = [n for n, p in accepted.items() if p.default is p.empty and p.kind is not p.VAR_KEYWORD
+               and n not in options and n != "seed"]
+    if missing:
+        raise ValueError(f"Task {name!r} needs option(s) {missing} (e.g. --set task.{missing[0]}=...).")
+    return factory(**options, **({"seed": seed} if seeded else {}))
 
 
 __all__ = ["Answer", "CaptionTask", "CorpusScore", "DEFAULT_TEMPLATE", "Example", "ImageRef",

@@ -163,3 +163,7 @@ def okvqa_task(root: str, image_root: str | None = None, test_size: int | None =
     files = {**OKVQA_FILES, **{k: options.pop(k) for k in list(options) if k in OKVQA_FILES}}
     return _vqa_task("ok-vqa", files, root, image_root, test_size, subset_seed, validation_images, seed,
                      options)
+
+
+vqav2_task.extra_options = tuple(VQAV2_FILES)  # options beyond its parameters and `Task`'s fields
+okvqa_task.extra_options = tuple(OKVQA_FILES)
