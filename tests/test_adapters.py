@@ -293,3 +293,21 @@ def test_answer_loss_equals_the_loss_of_the_whole_sequence_logits(setting, name)
     for fast, whole in zip(*grads):
         assert torch.allclose(fast, whole, rtol=1e-5, atol=1e-8)
     assert any(g.abs().sum() > 0 for g in grads[0])
+
+
+BAD_VALUES = {"hificl": ("rank", -1), "live": ("scale_init", "big"), "mimic": ("shift_std", "wide"),
+              "lora": ("r", -1), "prefix_tuning": ("num_virtual_tokens", "four"), "cartridge": ("num_virtual_tokens", "four")}
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_a_bad_value_in_a_saved_config_names_the_file(setting, name, tmp_path):
+    adapter, base = _adapted(setting, name)
+    adapter.save_pretrained(tmp_path)
+    untouched = adapter.unload()
+    field, value = BAD_VALUES[name]
+    config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    assert field in config
+    (tmp_path / CONFIG_NAME).write_text(json.dumps({**config, field: value}))
+    with pytest.raises((AdapterMismatchError, ValueError)) as error:
+        load_adapter_model(untouched, tmp_path)
+    assert str(tmp_path / CONFIG_NAME) in str(error.value) and field in str(error.value)

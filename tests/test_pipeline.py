@@ -105,22 +105,27 @@ def test_sharded_training_is_refused_with_how_to_launch(workspace, tmp_path, mon
         _trainer(workspace, tmp_path)
 
 
+def _crash_after(trainer, checkpoint: str) -> None:
+    """Train until `checkpoint` is written, then stop as a crash would."""
+    original = trainer._save_checkpoint
+
+    def crash(name, position, result, artifact):
+        original(name, position, result, artifact)
+        if name == checkpoint:
+            raise KeyboardInterrupt
+
+    trainer._save_checkpoint = crash
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+
+
 def test_resume_after_an_interruption_gives_the_same_adapter(workspace, tmp_path):
     reference, parts = _trainer(workspace, tmp_path / "straight", epochs=3)
     reference.train()
     expected = {k: v.clone() for k, v in parts.adapter.adapters.state_dict().items()}
 
     interrupted, parts = _trainer(workspace, tmp_path / "broken", epochs=3)
-    original = interrupted._save_checkpoint
-
-    def crash_after_epoch_2(name, position, result, artifact):
-        original(name, position, result, artifact)
-        if name == "epoch-2":
-            raise KeyboardInterrupt
-
-    interrupted._save_checkpoint = crash_after_epoch_2
-    with pytest.raises(KeyboardInterrupt):
-        interrupted.train()
+    _crash_after(interrupted, "epoch-2")
     assert interrupted.latest_checkpoint().name == "epoch-2"
     resumed, parts = _trainer(workspace, tmp_path / "broken", epochs=3)  # a fresh process would do exactly this
     result = resumed.train()
@@ -305,3 +310,91 @@ def test_training_metrics_reach_accelerate_trackers(workspace, tmp_path):
     tags = set(accumulator.Tags()["scalars"])
     assert {"train/loss", "train/lr", "val/vqa_accuracy"} <= tags
     assert len(accumulator.Scalars("train/loss")) == 5  # 20 training examples, batches of 4
+
+
+def test_budgets_beyond_the_split_are_clipped_and_reported_as_used(workspace, tmp_path, caplog, capsys):
+    """A budget larger than its split trains/tests on what the split holds, says so, and every output states the
+    number actually used; data-efficiency points that clip to one size run once."""
+    config = _config(workspace, tmp_path, methods=[{"name": "hificl", "rank": 2}], train_samples=1000,
+                     validation_samples=50, test_samples=500, train={"epochs": 1, "batch_size": 10, "grad_accum": 1},
+                     data_efficiency=[{"samples": 8, "epochs": 1}, {"samples": 100, "epochs": 2},
+                                      {"samples": 400, "epochs": 1}])
+    with caplog.at_level("WARNING", logger="hificl"):
+        results = pipeline.compare(config)
+    train, validation, test = 20, 4, 8  # what the task's splits hold
+    assert (results["num_train"], results["num_validation"], results["num_test"]) == (train, validation, test)
+    assert [(p["samples"], p["epochs"]) for p in results["data_efficiency"]] == [(8, 1), (train, 2)]
+    assert results["rows"][0]["train_samples"] == train and results["rows"][0]["labelled_examples"] == train
+    warned = caplog.text + capsys.readouterr().err  # (the CLI's handler, where an earlier test set it up)
+    assert "train_samples is 1000" in warned and "test_samples is 500" in warned and "validation_samples is 50" in warned
+    assert "point 400 samples is dropped" in warned
+    table = (tmp_path / "results.md").read_text()
+    assert f"{test} test questions, {train} training samples" in table and "| 100 |" not in table
+    assert sorted(p.name for p in (tmp_path / "data-efficiency").iterdir()) == ["20-samples", "8-samples"]
+
+
+@pytest.mark.parametrize("damage", ["state", "weights"])
+def test_a_damaged_checkpoint_is_named_and_the_one_before_it_resumes(workspace, tmp_path, caplog, capsys, damage):
+    """A damaged newest checkpoint is named in a warning and training resumes from the intact one before it, to
+    the adapter of an uninterrupted run; with no intact checkpoint left the error names the file and the fix."""
+    reference, parts = _trainer(workspace, tmp_path / "straight", epochs=3)
+    reference.train()
+    expected = {k: v.clone() for k, v in parts.adapter.adapters.state_dict().items()}
+    file = "trainer_state.json" if damage == "state" else "trainable.safetensors"
+
+    def spoil(path):
+        path.write_bytes(b'{"result": \x01' if damage == "state" else path.read_bytes()[:40])
+
+    crashed, _ = _trainer(workspace, tmp_path / "run2", epochs=3)
+    _crash_after(crashed, "epoch-2")
+    damaged = tmp_path / "run2" / "epoch-2" / file
+    spoil(damaged)
+    caplog.clear()
+    capsys.readouterr()
+    again, parts = _trainer(workspace, tmp_path / "run2", epochs=3)
+    with caplog.at_level("WARNING", logger="hificl"):
+        result = again.train()
+    warned = caplog.text + capsys.readouterr().err  # (the CLI's handler, where an earlier test set it up)
+    assert str(damaged) in warned and "damaged" in warned
+    assert result.steps == reference.total_steps
+    for key, value in parts.adapter.adapters.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+    for name in ("epoch-1", "epoch-2", "epoch-3"):  # none intact: the error names the file and the fix
+        spoil(tmp_path / "run2" / name / file)
+    last, _ = _trainer(workspace, tmp_path / "run2", epochs=3)
+    with pytest.raises(ValueError, match=r"epoch-1.*damaged.*--restart"):
+        last.train()
+
+
+def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resumes_to_the_same_adapter(workspace, tmp_path):
+    """SIGTERM (a scheduler's notice) mid-epoch: the step finishes, a step checkpoint is written, the run stops with
+    `Interrupted`; the rerun resumes at the next step and ends with the uninterrupted run's adapter."""
+    import os
+    import signal
+
+    from hificl.trainer import Interrupted
+
+    reference, parts = _trainer(workspace, tmp_path / "straight", epochs=2)
+    reference.train()
+    expected = {k: v.clone() for k, v in parts.adapter.adapters.state_dict().items()}
+    stopped, parts = _trainer(workspace, tmp_path / "run", epochs=2)
+    calls = []
+    loss = stopped.objective.loss
+
+    def signalled(model, batch):
+        calls.append(1)
+        if len(calls) == 3:  # during the 2nd optimiser step (2 micro-batches a step)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss(model, batch)
+
+    stopped.objective.loss = signalled
+    with pytest.raises(Interrupted) as stop:
+        stopped.train()
+    assert stop.value.signum == signal.SIGTERM and stop.value.checkpoint.name == "step-2"
+    assert stop.value.checkpoint.is_dir() and len(calls) == 4  # the step was finished, no further one begun
+    assert signal.getsignal(signal.SIGTERM) is not None and signal.getsignal(signal.SIGTERM) != stopped._stop._handle
+    resumed, parts = _trainer(workspace, tmp_path / "run", epochs=2)
+    result = resumed.train()
+    assert result.steps == reference.total_steps
+    for key, value in parts.adapter.adapters.state_dict().items():
+        assert torch.equal(value, expected[key]), key

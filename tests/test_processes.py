@@ -127,3 +127,30 @@ def test_a_killed_run_resumes_with_exactly_the_remaining_batches(config_file, tm
     assert all(torch.equal(straight[key], again[key]) for key in straight)
     result = json.loads((killed / "train" / "train_result.json").read_text())
     assert result["steps"] == 10 and not list((killed / "train").glob("step-*")), "mid-epoch checkpoints removed"
+
+
+def test_sigterm_saves_the_step_and_the_rerun_loses_nothing(config_file, tmp_path):
+    """SIGTERM (a scheduler's notice) after the 5th of 10 steps, with no step checkpoints configured: the run
+    finishes its step, writes a step checkpoint, says how to resume and exits with 128 + 15; the rerun starts at
+    the very next step and ends with exactly the adapter of an uninterrupted run."""
+    common = [PYTHON, "-m", "hificl.cli", "train", "--config", config_file, "--log-level", "debug",
+              "--set", "methods=[{name: hificl, value_b_std: 0.3}]"]
+    _run(common + ["--output-dir", str(tmp_path / "straight")])
+    stopped = tmp_path / "stopped"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(common + ["--output-dir", str(stopped)], stderr=subprocess.PIPE, text=True, env=env)
+    for line in process.stderr:
+        if "done, loss" in line and int(line.split("step ")[1].split(" ")[0]) == 5:
+            process.send_signal(signal.SIGTERM)
+            break
+    rest = process.stderr.read()
+    process.wait(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM and "stopped by SIGTERM" in rest, rest[-2000:]
+    saved = [p.name for p in (stopped / "train").glob("step-*")]
+    assert len(saved) == 1 and saved[0] in ("step-5", "step-6") and saved[0] in rest
+    resumed = _run(common + ["--output-dir", str(stopped)])
+    first = next(line for line in resumed.stderr.splitlines() if "done, loss" in line)
+    assert int(first.split("step ")[1].split(" ")[0]) == int(saved[0].split("-")[1]) + 1, "no step repeated"
+    straight = load_file(str(tmp_path / "straight" / "adapter" / "adapter_model.safetensors"))
+    again = load_file(str(stopped / "adapter" / "adapter_model.safetensors"))
+    assert all(torch.equal(straight[key], again[key]) for key in straight)

@@ -96,18 +96,25 @@ def test_compare_gives_each_method_its_own_folder_and_refuses_duplicates(tiny_vl
             "train": {"epochs": 1, "batch_size": 8, "grad_accum": 1}, "eval": {"max_new_tokens": 2}}
     config = RunConfig.from_dict({**base, "methods": [
         {"name": "hificl", "rank": 8, "value_b_std": 0.3}, {"name": "hificl", "rank": 4, "value_b_std": 0.3},
-        {"name": "hificl", "rank": 4, "value_b_std": 0.3, "init_seed": 5}]})
+        {"name": "hificl", "rank": 4, "value_b_std": 0.3, "init_seed": 5},
+        {"name": "hificl", "rank": 4, "value_b_std": 0.3, "init_seed": 5, "train": {"lr": 0.01}}]})
     results = pipeline.compare(config)
     ids = [row["id"] for row in results["rows"]]
-    assert len(set(ids)) == 3 and all((tmp_path / "run" / i).is_dir() for i in ids)
+    assert len(set(ids)) == 4 and all((tmp_path / "run" / i).is_dir() for i in ids)
     ranks = [row["settings"]["rank"] for row in results["rows"]]
-    assert ranks == [8, 4, 4] and results["rows"][1]["trainable_params"] < results["rows"][0]["trainable_params"]
+    assert ranks == [8, 4, 4, 4] and results["rows"][1]["trainable_params"] < results["rows"][0]["trainable_params"]
+    # every row, the table and the plot say which entry it is: the settings in which the entries differ
+    labels = [row["method"] for row in results["rows"]]
+    assert labels == ["HiFICL (init_seed=default, rank=8, train.lr=default)",
+                      "HiFICL (init_seed=default, rank=4, train.lr=default)",
+                      "HiFICL (init_seed=5, rank=4, train.lr=default)", "HiFICL (init_seed=5, rank=4, train.lr=0.01)"]
+    assert all(f"| {label} |" in (tmp_path / "run" / "results.md").read_text() for label in labels)
     predictions = [json.loads((tmp_path / "run" / i / "seed-3407" / "test-epoch-1" / "metrics.json").read_text())
                    for i in ids]
     assert all(p["num_queries"] == 8 for p in predictions)
     with pytest.raises(ValueError, match=r"methods\[0\] and methods\[1\] are the same method"):
-        pipeline.compare(RunConfig.from_dict({**base, "methods": [{"name": "hificl", "rank": 8},
-                                                                  {"name": "hificl", "rank": 8}]}))
+        pipeline.compare(RunConfig.from_dict({**base, "methods": [{"name": "hificl", "rank": 8, "train": {"lr": 0.1}},
+                                                                  {"name": "hificl", "rank": 8, "train": {"lr": 0.1}}]}))
 
 
 def test_a_non_finite_loss_stops_training_and_saves_no_adapter(tiny_vlm, colour_task, tmp_path, capsys):
@@ -145,9 +152,13 @@ def test_eval_reports_the_adapter_it_loads(tiny_vlm, colour_task, tmp_path, caps
     args = _train_args(tiny_vlm, colour_task, tmp_path / "eval")
     args[0] = "eval"
     args[args.index("methods=[{name: hificl, rank: 4}]")] = "methods=[{name: zero-shot}, {name: hificl}]"
-    assert cli_main([*args, "--adapter", str(out / "adapter")]) == 0
-    row = json.loads((tmp_path / "eval" / "results.json").read_text())["rows"][1]
+    assert cli_main([*args, "--set", "train_samples=3", "--adapter", str(out / "adapter")]) == 0
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    row = results["rows"][1]
     assert row["method"] == "HiFICL (unmasked normalizer)" and row["settings"]["rank"] == 4
+    trained = json.loads((out / "train_summary.json").read_text())["num_train"]  # not the eval config's 3
+    assert trained > 3 and results["num_train"] == trained and row["labelled_examples"] == trained
+    assert f"{trained} training samples" in (tmp_path / "eval" / "results.md").read_text()
     layers, heads, dim = 2, 4, 16
     assert row["adapter_params"] == layers * heads * 2 * (8 * 4 + 4 * dim) and row["trainable_params"] == 0
 
@@ -196,7 +207,7 @@ def test_bad_files_and_folders_get_errors_that_name_them(tiny_vlm, colour_task, 
     with pytest.raises(ValueError, match=r"bad.jsonl line 2: not UTF-8 text"):
         read_jsonl(bad)
     bad.write_text('{"question": "q?", "answer": "  "}\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl line 1: an answer is empty"):
+    with pytest.raises(ValueError, match=r"bad.jsonl line 1: an answer has no visible text"):
         read_jsonl(bad)
     config = tmp_path / "config.yaml"
     config.write_bytes(b"seed: 1\n# caf\xe9\n")
@@ -217,3 +228,110 @@ def test_ctrl_c_says_how_to_resume(tiny_vlm, colour_task, tmp_path, monkeypatch,
     monkeypatch.setattr(pipeline, "train", interrupted)
     assert cli_main(_train_args(tiny_vlm, colour_task, tmp_path / "run")) == 130
     assert "Run the same command again to resume" in capsys.readouterr().err
+
+
+def test_a_backbone_with_other_weights_at_the_same_path_is_not_resumed(tiny_vlm, colour_task, tmp_path, capsys):
+    """A model folder whose weights were replaced between two runs (here a symlink repointed) is another backbone:
+    its checkpoints are not resumed, and the message names the changed file."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    original, other = tmp_path / "original", tmp_path / "other"
+    shutil.copytree(tiny_vlm, original)
+    shutil.copytree(tiny_vlm, other)
+    weights = next(other.glob("*.safetensors"))
+    tensors = load_file(str(weights))
+    save_file({k: v + 0.01 for k, v in tensors.items()}, str(weights), metadata={"format": "pt"})
+    link = tmp_path / "model"
+    link.symlink_to(original, target_is_directory=True)
+    args = _train_args(str(link), colour_task, tmp_path / "run")
+    assert cli_main(args) == 0
+    link.unlink()
+    link.symlink_to(other, target_is_directory=True)
+    capsys.readouterr()
+    assert cli_main(args) == 2
+    error = capsys.readouterr().err
+    assert "Cannot resume" in error and f"backbone.files.{weights.name}" in error
+
+
+def test_option_messages_name_only_the_bad_option_and_list_the_good_ones(colour_task):
+    from hificl.methods import get_method
+    from hificl.tasks import get_task
+
+    with pytest.raises(ValueError) as error:
+        get_method("lora", rank=4)
+    assert str(error.value) == "Method 'lora' has no option(s) ['rank']; its options: alpha, dropout, r."
+    with pytest.raises(ValueError, match=r"has no option\(s\) \['trian'\]; its options: .*validation_size"):
+        get_task("jsonl", train=colour_task["train"], test=colour_task["test"], trian="x", validation_size=2)
+    with pytest.raises(ValueError, match=r"needs option\(s\) \['test'\]"):
+        get_task("jsonl", train=colour_task["train"])
+    with pytest.raises(ValueError, match="validation_size 500 would hold out all 24 examples .* lower it"):
+        get_task("jsonl", train=colour_task["train"], test=colour_task["test"], validation_size=500)
+
+
+def test_bad_lines_are_found_when_the_task_is_read(tmp_path):
+    (tmp_path / "fake.png").write_text("not an image")
+    lines = {"image": '{"image": "fake.png", "question": "What colour?", "answer": "red"}',
+             "invisible": '{"question": "\\u200b\\u200b \\t", "answer": "red"}',
+             "invisible answer": '{"question": "Colour?", "answer": "\\u2060"}'}
+    expected = {"image": "fake.png is not a readable image", "invisible": "visible text",
+                "invisible answer": "no visible text"}
+    for name, line in lines.items():
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text('{"question": "ok?", "answer": "yes"}\n' + line + "\n")
+        with pytest.raises(ValueError, match=f"line 2: .*{expected[name]}"):
+            read_jsonl(path)
+
+
+def test_a_prompt_longer_than_the_context_names_its_example(tiny_vlm):
+    from hificl.tasks import Example
+
+    backbone = load_backbone(tiny_vlm)
+    limit = backbone.context_length
+    example = Example("long-one", "word " * (limit + 10), ("red",))
+    with pytest.raises(ValueError, match=rf"example 'long-one' is \d+ tokens long, more than the {limit} positions"):
+        backbone.encode([[example.question]], names=[example.id])
+
+
+def test_a_full_disk_is_one_line_naming_the_path_and_nothing_saved_is_damaged(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from hificl.io import atomic_folder, atomic_write_text
+
+    target = tmp_path / "results.json"
+    atomic_write_text(target, "the old results")
+
+    def full(tmp):
+        with open(tmp, "w") as handle:
+            handle.write("x" * 5000)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    from hificl.io import atomic_write
+
+    with pytest.raises(OSError) as error:
+        atomic_write(target, full)
+    message = str(error.value)
+    assert str(target) in message and "No space left" in message and "MiB free" in message and "\n" not in message
+    assert target.read_text() == "the old results" and [p.name for p in tmp_path.iterdir()] == ["results.json"]
+    folder = tmp_path / "checkpoint"
+    with pytest.raises(OSError, match="No space left on the disk of .*checkpoint"):
+        with atomic_folder(folder) as tmp:
+            (tmp / "weights").write_bytes(b"0" * 4096)
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert not folder.exists() and [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+def test_sigterm_stops_the_command_with_how_to_resume(tiny_vlm, colour_task, tmp_path, monkeypatch, capsys):
+    import signal
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not stop the run")
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(pipeline, "train", terminated)
+    assert cli_main(_train_args(tiny_vlm, colour_task, tmp_path / "run")) == 128 + signal.SIGTERM
+    error = capsys.readouterr().err
+    assert "stopped by SIGTERM" in error and "Run the same command again to resume" in error
+    assert signal.getsignal(signal.SIGTERM) == before

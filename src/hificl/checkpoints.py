@@ -6,15 +6,18 @@ resumed (a mismatch names what changed), loaded, and discarded (``--restart``)."
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .io import atomic_folder, remove_folder
 
+logger = logging.getLogger(__name__)
 EPOCH_PREFIX = "epoch-"
 STEP_PREFIX = "step-"
 STATE_FILE = "trainer_state.json"
@@ -22,6 +25,23 @@ STATE_FILE = "trainer_state.json"
 
 class ResumeMismatchError(ValueError):
     """A checkpoint in the output folder was written by a run with other settings."""
+
+
+class DamagedCheckpointError(ValueError):
+    """A checkpoint's files cannot be read (truncated, overwritten, edited by hand)."""
+
+
+_DAMAGE = (OSError, ValueError, KeyError, TypeError, SafetensorError)
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's JSON state; a damaged one raises `DamagedCheckpointError` naming the file."""
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+        state["result"]["steps"]
+        return state
+    except _DAMAGE as error:
+        raise DamagedCheckpointError(f"{path / STATE_FILE} is damaged ({error})") from None
 
 
 @dataclass
@@ -64,15 +84,38 @@ def write_checkpoint(folder: Path, params: dict[str, torch.Tensor], names: list[
             artifact(tmp / "artifact")
 
 
-def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
-    """The complete checkpoints in `folder`, as (optimiser steps done, path), oldest first (at equal steps an
-    epoch's checkpoint after a mid-epoch one)."""
+def _checkpoint_folders(folder: Path) -> list[tuple[str, Path]]:
+    """The checkpoint folders in `folder` (named ``epoch-<n>`` or ``step-<n>``, finished by their swap), with their
+    prefix."""
     found = []
     for path in folder.glob("*-*"):
         prefix = next((p for p in (EPOCH_PREFIX, STEP_PREFIX) if path.name.startswith(p)), None)
         if prefix and path.name[len(prefix):].isdigit() and (path / STATE_FILE).is_file():
-            state = json.loads((path / STATE_FILE).read_text())
-            found.append((state["result"]["steps"], prefix == EPOCH_PREFIX, path))
+            found.append((prefix, path))
+    return found
+
+
+def damaged_checkpoints(folder: Path) -> list[DamagedCheckpointError]:
+    """The errors of the checkpoints in `folder` whose state cannot be read, by folder name."""
+    errors = []
+    for _, path in sorted(_checkpoint_folders(folder), key=lambda found: found[1].name):
+        try:
+            read_state(path)
+        except DamagedCheckpointError as error:
+            errors.append(error)
+    return errors
+
+
+def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
+    """The readable checkpoints in `folder`, as (optimiser steps done, path), oldest first (at equal steps an
+    epoch's checkpoint after a mid-epoch one). One whose state cannot be read is left out, with a warning naming
+    it."""
+    found = []
+    for prefix, path in _checkpoint_folders(folder):
+        try:
+            found.append((read_state(path)["result"]["steps"], prefix == EPOCH_PREFIX, path))
+        except DamagedCheckpointError as error:
+            logger.warning("%s: it is skipped (an earlier checkpoint is used, if any).", error)
     return [(steps, path) for steps, _, path in sorted(found)]
 
 
@@ -101,16 +144,17 @@ def check_resumable(path: Path, saved: dict[str, Any], current: dict[str, Any]) 
 
 def read_checkpoint(path: Path, params: dict[str, torch.nn.Parameter], names: list[str], optimizer,
                     scheduler) -> dict[str, Any]:
-    """Restore `params`, the optimiser and the scheduler from a checkpoint; returns its JSON state."""
-    state = json.loads((path / STATE_FILE).read_text())
-    weights = load_file(str(path / "trainable.safetensors"))
+    """Restore `params`, the optimiser and the scheduler from a checkpoint; returns its JSON state. Files that
+    cannot be read raise `DamagedCheckpointError` naming them (`params` may then be partly restored: the caller
+    restores another checkpoint or stops)."""
+    state = read_state(path)
+    weights, tensors = (_read_tensors(path / name) for name in ("trainable.safetensors", "optimizer.safetensors"))
     if set(weights) != set(params):
         raise ResumeMismatchError(f"Cannot resume from {path}: it holds other trainable parameters than this "
                                   "model. Use another output folder, or --restart.")
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(weights[name].to(param.dtype))
-    tensors = load_file(str(path / "optimizer.safetensors"))
     optimizer_state: dict[int, dict[str, Any]] = {}
     for key, value in list(tensors.items()) + list(state["optimizer_scalars"].items()):
         name, slot = key.split("::")
@@ -122,11 +166,18 @@ def read_checkpoint(path: Path, params: dict[str, torch.nn.Parameter], names: li
     return state
 
 
+def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(file))
+    except _DAMAGE as error:
+        raise DamagedCheckpointError(f"{file} is damaged ({error})") from None
+
+
 def discard_checkpoints(folder: Path) -> None:
-    """Remove the checkpoints in `folder`, each in one rename."""
-    for _, path in list_checkpoints(folder):
+    """Remove the checkpoints in `folder` (damaged ones too), each in one rename."""
+    for _, path in _checkpoint_folders(folder):
         remove_folder(path)
 
 
-__all__ = ["EPOCH_PREFIX", "STEP_PREFIX", "Position", "ResumeMismatchError", "check_resumable", "discard_checkpoints",
+__all__ = ["DamagedCheckpointError", "damaged_checkpoints", "EPOCH_PREFIX", "STEP_PREFIX", "Position", "ResumeMismatchError", "check_resumable", "discard_checkpoints",
            "full_tensor", "list_checkpoints", "read_checkpoint", "write_checkpoint"]

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from .methods import METHODS
@@ -94,6 +96,19 @@ def _configure_logging(level: str) -> None:
         log.propagate = False
 
 
+def _stop_on_sigterm():
+    """SIGTERM (a scheduler's notice before it kills a job) stops the run as Ctrl-C does (training first finishes
+    its step and writes a checkpoint: `hificl.trainer.StopRequests`). Returns the handler it replaces."""
+    from .trainer import Interrupted
+
+    def stop(signum, frame):
+        raise Interrupted(signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        return signal.getsignal(signal.SIGTERM)
+    return signal.signal(signal.SIGTERM, stop)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from .distributed import process_state
@@ -122,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     from . import pipeline
     from .report import markdown_table
 
+    previous_sigterm = _stop_on_sigterm()
     try:
         with logging_redirect_tqdm(loggers=[logging.getLogger("hificl")]):
             if args.command == "compare":
@@ -143,10 +159,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, ImportError, RuntimeError) as error:
         print(f"hificl: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"\nhificl: interrupted. Run the same command again to resume from the last checkpoint in "
-              f"{config.output_dir} (or add --restart to train from scratch).", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as error:
+        signum = getattr(error, "signum", signal.SIGINT)
+        saved = getattr(error, "checkpoint", None)
+        where = f"progress saved in {saved}" if saved else f"the last checkpoint is in {config.output_dir}"
+        print(f"\nhificl: stopped by {signal.Signals(signum).name} ({where}). Run the same command again to resume "
+              "(or add --restart to train from scratch).", file=sys.stderr)
+        return 128 + signum
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
     if not main_process:
         return 0
     print()

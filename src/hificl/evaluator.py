@@ -89,7 +89,7 @@ def evaluate(model: torch.nn.Module, prompter: Prompter, backbone: Backbone, tas
                dynamic_ncols=True)
     for start in range(0, len(mine), config.batch_size):
         chunk = mine[start:start + config.batch_size]
-        batch = backbone.encode([prompter.prompt(e) for e in chunk], padding_side="left")
+        batch = backbone.encode([prompter.prompt(e) for e in chunk], padding_side="left", names=[e.id for e in chunk])
         batch = {k: v.to(backbone.device) for k, v in batch.items()}
         counted = max(0, min(len(chunk), real - start))
         prompt_tokens += int(batch["attention_mask"][:counted].sum())

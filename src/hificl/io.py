@@ -9,6 +9,7 @@ target is missing is put back, anything else is deleted.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 
@@ -32,6 +33,23 @@ def _temp_prefix(path: Path) -> str:
     return f".{path.name}.tmp-{_HOST}-{os.getpid()}-"
 
 
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+
+
+def _no_space(error: OSError, path: Path, tmp: Path) -> OSError:
+    """A disk-full error as one line: the path, what was written when the disk filled, what is free."""
+    if error.errno != errno.ENOSPC:
+        return error
+    written, free = _size(tmp) / 2**20, shutil.disk_usage(path.parent).free / 2**20
+    return OSError(errno.ENOSPC, f"No space left on the disk of {path} while writing it ({written:.1f} MiB written "
+                                 f"when it filled, {free:.1f} MiB free now; it needs more than that): free some space "
+                                 "there, or use another --output-dir, and run the same command again (nothing saved "
+                                 "before was changed).")
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)`` on a temporary file beside `path`, fsync it, then rename it over `path`."""
     path = Path(path)
@@ -44,6 +62,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes it private
         os.replace(tmp, path)
+    except OSError as error:
+        failure = _no_space(error, path, Path(tmp))
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if failure is error:
+            raise
+        raise failure from None
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -96,6 +121,12 @@ def atomic_folder(path: str | os.PathLike, keep_existing: bool = False) -> Itera
                 os.replace(old, path)
                 old = None
             raise
+    except OSError as error:
+        failure = _no_space(error, path, tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if failure is error:
+            raise
+        raise failure from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

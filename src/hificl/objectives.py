@@ -40,7 +40,7 @@ class AnswerLoss:
 
     def student_batch(self, items: list[Example]) -> dict[str, torch.Tensor]:
         return self.backbone.encode([self.prompter.prompt(e) for e in items], [self.task.target_text(e) for e in items],
-                                    padding_side="right")
+                                    padding_side="right", names=[e.id for e in items])
 
     def batch(self, items: list[Example]):
         """The inputs of a training step on `items`."""
@@ -126,7 +126,7 @@ class Teacher:
 
     def batch(self, items: list[Example], student: dict[str, torch.Tensor]) -> TeacherBatch:
         teacher = self.backbone.encode(self.prompts(items), [self.task.target_text(e) for e in items],
-                                       padding_side="right")
+                                       padding_side="right", names=[e.id for e in items])
         teacher.pop("labels")
         student_lengths = student["attention_mask"].sum(1).tolist()
         teacher_lengths = teacher["attention_mask"].sum(1).tolist()

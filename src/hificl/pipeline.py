@@ -28,11 +28,13 @@ from typing import Any, Iterator
 import torch
 import transformers
 
+from .adapters import saved_method
 from .backbones import Backbone, load_backbone
+from .backbones.identity import backbone_identity
 from .distributed import process_state
 from .evaluator import EvalResult, evaluate
 from .io import atomic_write_json, folder_lock
-from .methods import Method, Parts, get_method, method_for_adapter
+from .methods import Method, Parts, distinct_labels, get_method, method_for_adapter
 from .metrics import get_metric
 from .run_config import RunConfig
 from .seeding import Seeds
@@ -71,10 +73,13 @@ class Run:
                 raise ValueError(f"methods[{seen[method.id]}] and methods[{index}] are the same method with the same "
                                  f"settings ({method.label}, id {method.id}): remove one, or change its options.")
             seen[method.id] = index
-        self.train_examples = self.task.subset("train", config.train_samples, self.data_seed)
-        self.validation_examples = (self.task.subset("validation", config.validation_samples, self.data_seed)
-                                    if config.validation_samples and self.task.splits.get("validation") else [])
-        self.test_examples = self.task.subset("test", config.test_samples, self.data_seed)
+        self.labels = distinct_labels(self.methods)  # what tables call each method: never two alike
+        self.train_examples = self.task.subset("train", self._budget("train", config.train_samples), self.data_seed)
+        self.validation_examples = (
+            self.task.subset("validation", self._budget("validation", config.validation_samples), self.data_seed)
+            if config.validation_samples and self.task.splits.get("validation") else [])
+        self.test_examples = self.task.subset("test", self._budget("test", config.test_samples), self.data_seed)
+        self.efficiency_points = self._efficiency_points()
         for method in self.methods:
             if method.trainable:
                 train = self.train_config(method)
@@ -85,6 +90,36 @@ class Run:
                                      "set train.mixed_precision for the whole run instead.")
         self.backbone: Backbone = load_backbone(config.backbone, config.dtype, config.chat_template)
         self.backbone.model.to(self.state.device)
+        self.backbone_identity = backbone_identity(config.backbone, self.backbone.model)
+
+    def _budget(self, split: str, requested: int | None) -> int | None:
+        """How many examples of `split` the run uses: `requested`, clipped (with a warning) to what the split
+        holds, so every report states the number actually used."""
+        available = len(self.task.splits[split])
+        if requested is not None and requested > available:
+            logger.warning("%s_samples is %d but the %s split of task %r holds %d examples: using all %d (the "
+                           "results say %d).", split, requested, split, self.task.name, available, available, available)
+            return available
+        return requested
+
+    def _efficiency_points(self) -> list[dict[str, int]]:
+        """The data-efficiency points as run: samples clipped to the train split (with a warning), a point that
+        then repeats an earlier one's sample count dropped."""
+        available, points = len(self.task.splits["train"]), []
+        for point in self.config.data_efficiency:
+            samples = min(point["samples"], available)
+            if samples < point["samples"]:
+                logger.warning("data_efficiency point %d samples: the train split holds %d examples, so it trains "
+                               "on %d.", point["samples"], available, samples)
+            if any(p["samples"] == samples for p in points):
+                logger.warning("data_efficiency point %d samples is dropped: it would train on the same %d "
+                               "examples as an earlier point.", point["samples"], samples)
+                continue
+            points.append({"samples": samples, "epochs": point["epochs"]})
+        return points
+
+    def label(self, method: Method) -> str:
+        return self.labels.get(method.id, method.label)
 
     @property
     def main(self) -> bool:
@@ -119,13 +154,14 @@ class Run:
 
     def fingerprint(self, method: Method, examples) -> dict[str, Any]:
         """What defines a training run beyond its training settings: a checkpoint is resumed only under the same.
-        Data enter through digests of the examples (a moved data folder still resumes), evaluation through the
-        settings that change validation scores (not the batch size)."""
+        Data enter through digests of the examples (a moved data folder still resumes), the backbone through its
+        config and the fingerprints of its files (`hificl.backbones.identity`: the same path with other weights is
+        another run), evaluation through the settings that change validation scores (not the batch size)."""
         config = self.config
         task = {k: v for k, v in config.task.items() if not (isinstance(v, str) and Path(v).exists())}
         return {"method": {"name": method.name, **json.loads(json.dumps(method.options, default=str))},
                 "task": task, "backbone": {"spec": config.backbone, "dtype": config.dtype,
-                                           "chat_template": config.chat_template},
+                                           "chat_template": config.chat_template, **self.backbone_identity},
                 "train_data": {"count": len(examples), "digest": _digest(examples)},
                 "validation_data": {"count": len(self.validation_examples),
                                     "digest": _digest(self.validation_examples)},
@@ -147,6 +183,10 @@ class Run:
         config = self.train_config(method, epochs)
         selection = self.selection(config)
         examples = self.training_examples(method, seeds, train_examples)
+        budget = method.data_budget(len(examples))
+        parts.adapter.record_training(method.name, method.options, data={
+            "task": self.task.name, "train_examples": len(examples), "digest": _digest(examples),
+            **{f"{k}_examples": v for k, v in budget.items()}})
         validation = self.validation_examples if not method.unlabelled else []
         reported = self.task.reported_metrics(validation) if validation else []
 
@@ -179,11 +219,11 @@ class Run:
         parts = method.build(self.backbone, self.task, seeds)
         try:
             budget = method.data_budget(len(self.training_examples(method, seeds)))
-            base_row = {"method": method.label, "id": method.id, "settings": method.describe(), "seed": replicate,
+            base_row = {"method": self.label(method), "id": method.id, "settings": method.describe(), "seed": replicate,
                         "trainable_params": parts.adapter.get_nb_trainable_parameters()[0] if parts.adapter else 0,
                         **{f"{k}_examples": v for k, v in budget.items()}}
             if not method.trainable:
-                metrics = _row_metrics(self.evaluate_parts(parts, folder, method.label))
+                metrics = _row_metrics(self.evaluate_parts(parts, folder, self.label(method)))
                 return [{**base_row, "labelled_examples": parts.prompter.labelled_used, **metrics}]
             result, trainer = self.train_method(method, parts, folder / "train", seeds)
             checkpoints = {epoch: trainer.checkpoint(epoch) for epoch in range(1, result.last_epoch + 1)}
@@ -196,7 +236,7 @@ class Run:
             rows = []
             for selection, epoch in _reported_epochs(result):
                 parts.adapter.restore_weights(checkpoints[epoch] / "artifact")
-                evaluation = self.evaluate_parts(parts, folder / f"test-epoch-{epoch}", method.label)
+                evaluation = self.evaluate_parts(parts, folder / f"test-epoch-{epoch}", self.label(method))
                 rows.append({**base_row, **cost, **_row_metrics(evaluation), "epoch": epoch, "selection": selection})
             return rows
         finally:
@@ -211,11 +251,11 @@ class Run:
     def data_efficiency(self) -> list[dict[str, Any]]:
         """The score of the first trainable method against the number of training samples, over the seeds."""
         trainable = [method for method in self.methods if method.trainable]
-        if not trainable or not self.config.data_efficiency:
+        if not trainable or not self.efficiency_points:
             return []
         method = trainable[0]
         points = []
-        for point in self.config.data_efficiency:
+        for point in self.efficiency_points:
             examples = self.task.subset("train", point["samples"], self.data_seed)
             scores, seconds, epochs = [], [], []
             for replicate in self.replicate_seeds:
@@ -234,7 +274,7 @@ class Run:
                 finally:
                     parts.close()
             summary = spread(scores)
-            points.append({"method": method.label, "samples": point["samples"], "epochs": point["epochs"],
+            points.append({"method": self.label(method), "samples": point["samples"], "epochs": point["epochs"],
                            "selected_epochs": epochs, "metric": self.task.metric, "score": summary.mean,
                            "spread": summary.to_dict(), "train_seconds": sum(seconds) / len(seconds)})
         return points
@@ -353,7 +393,7 @@ def compare(config: RunConfig, restart: bool = False) -> dict[str, Any]:
             mine, aggregated = run.run_method(method)
             replicates += mine
             rows += aggregated
-            clock = phase(method.label, clock)
+            clock = phase(run.label(method), clock)
         efficiency = run.data_efficiency()
         if efficiency:
             phase("data efficiency", clock)
@@ -405,13 +445,14 @@ def evaluate_config(config: RunConfig, adapter: str | None = None) -> dict[str, 
             raise ValueError(f"`eval` evaluates one saved adapter, but 'methods' holds {len(trainable)} trainable "
                              f"methods ({trainable}): keep one.")
         run.write_test_ids()
-        rows, replicates = [], []
+        rows, replicates, trained_on = [], [], None
         for configured in run.methods:
             if configured.trainable:
                 if adapter is None:
                     raise ValueError(f"Method {configured.name!r} is trainable: give --adapter FOLDER (from `hificl "
                                      "train`).")
                 method = method_for_adapter(adapter)
+                trained_on = (saved_method(adapter)[1].get("trained_by") or {}).get("data") or {}
                 seeds = [run.data_seed]
             else:
                 method = configured
@@ -422,7 +463,8 @@ def evaluate_config(config: RunConfig, adapter: str | None = None) -> dict[str, 
                          else method.build(run.backbone, run.task, run.seeds(replicate)))
                 try:
                     evaluation = run.evaluate_parts(parts, run.folder(method, replicate), method.label)
-                    size = ({"adapter_params": parts.adapter.num_adapter_parameters(), "adapter": str(adapter)}
+                    size = ({"adapter_params": parts.adapter.num_adapter_parameters(), "adapter": str(adapter),
+                             **{k: v for k, v in trained_on.items() if k.endswith("_examples")}}
                             if parts.adapter else {})
                     mine.append({"method": method.label, "id": method.id, "settings": method.describe(),
                                  "seed": replicate, "trainable_params": 0, **size, **_row_metrics(evaluation)})
@@ -431,6 +473,8 @@ def evaluate_config(config: RunConfig, adapter: str | None = None) -> dict[str, 
             replicates += mine
             rows += aggregate(mine)
         results = {**run.report_header(), "rows": rows, "replicates": replicates, "data_efficiency": []}
+        if trained_on is not None:  # the adapter's own training data, not the config's
+            results["num_train"] = trained_on.get("train_examples")
         if run.main:
             write_report(results, run.output_dir)
     return results
@@ -440,9 +484,8 @@ def inspect(config: RunConfig, adapter: str, queries: int = 64) -> dict[str, Any
     """What a saved HiFICL adapter (trained or distilled) does on the config's test questions: the attention share
     of its virtual slots per layer and head, and what its virtual values write, read through the LM head; written
     to output_dir as inspect.json, virtual_share.png and inspect.md."""
-    from .adapters import load_adapter_model
     from .inspect import virtual_attention_share, virtual_value_tokens, write_inspection
-    from .adapters import HiFICLModel
+    from .adapters import HiFICLModel, load_adapter_model
     from .prompting import Prompter
 
     with _holding(config):

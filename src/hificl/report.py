@@ -77,8 +77,10 @@ def markdown_table(results: dict[str, Any]) -> str:
     lines += ["| " + " | ".join(_cell(row, key, fmt) for key, _, fmt in columns) + " |" for row in rows]
     metric = get_metric(results["metric"])
     seeds = results.get("seeds") or []
+    trained = (f"{results['num_train']} training samples" if results.get("num_train") is not None
+               else "training samples not recorded in the adapter")
     text = (f"**{results['task']}** on {results['backbone']}: {results['num_test']} test questions, "
-            f"{results['num_train']} training samples, score = {metric.name}"
+            f"{trained}, score = {metric.name}"
             + (f"; methods with randomness of their own over seeds {', '.join(map(str, seeds))} (mean, standard "
                "deviation over seeds, 95% bootstrap interval over questions and seeds)" if len(seeds) > 1 else "")
             + "\n\n" + "\n".join(lines) + "\n")

@@ -18,7 +18,9 @@ Resuming continues from the most advanced complete checkpoint with exactly the r
 on any number of processes: the trainable weights, optimiser, schedule and position are restored, and the random
 state of every step is derived from (seed, step, process), so it needs no saving. A checkpoint records the run's
 fingerprint (method, task, backbone, data, settings); resuming under another one is refused with what changed.
-A non-finite loss stops training before anything is saved from that step on.
+A non-finite loss stops training before anything is saved from that step on. A damaged checkpoint is named and the
+one before it resumed. Ctrl-C or SIGTERM stops training after the current step, with a step checkpoint
+(`StopRequests`), so a stopped run loses nothing.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,8 +44,9 @@ from accelerate.utils import DistributedType, LoggerType, gather_object, send_to
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoints import (EPOCH_PREFIX, STATE_FILE, STEP_PREFIX, Position, check_resumable,
-                          discard_checkpoints, list_checkpoints, read_checkpoint, write_checkpoint)
+from .checkpoints import (EPOCH_PREFIX, STEP_PREFIX, DamagedCheckpointError, Position, check_resumable,
+                          damaged_checkpoints, discard_checkpoints, list_checkpoints, read_checkpoint, read_state,
+                          write_checkpoint)
 from .core.validate import boolean, choice, integer, known_fields, number
 from .io import atomic_write_json, remove_folder
 
@@ -51,6 +56,43 @@ TRACKERS = tuple(t.value for t in LoggerType)
 
 class NonFiniteLossError(ValueError):
     """The training loss became NaN or infinite."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by a signal: SIGINT (Ctrl-C) or SIGTERM (what a scheduler sends before it kills a job).
+    `signum` is the signal; `checkpoint`, where training was, the step checkpoint written before stopping."""
+
+    def __init__(self, signum: int, checkpoint: Path | None = None):
+        super().__init__(signal.Signals(signum).name)
+        self.signum, self.checkpoint = signum, checkpoint
+
+
+class StopRequests:
+    """While training: the first SIGINT or SIGTERM asks the trainer to stop after the current optimiser step (it
+    writes a step checkpoint first, so nothing is lost); a second one stops at once. Outside the main thread
+    (where Python allows no handlers) signals keep their own behaviour."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopRequests":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signum is not None:
+            raise Interrupted(signum)
+        self.signum = signum
+        logger.warning("%s received: stopping after this step, with a checkpoint (send it again to stop at once).",
+                       signal.Signals(signum).name)
 
 
 class Objective(Protocol):
@@ -343,9 +385,35 @@ class Trainer:
         return found[-1][1] if found else None
 
     def _load_checkpoint(self, path: Path) -> tuple[Position, TrainResult]:
-        check_resumable(path, json.loads((path / STATE_FILE).read_text()), self._state())
+        check_resumable(path, read_state(path), self._state())
         state = read_checkpoint(path, self.params, self._ordered_names, self.optimizer, self.scheduler)
         return Position(**state["position"]), TrainResult(**state["result"])
+
+    def _resume(self) -> tuple[Position, TrainResult] | None:
+        """Load the most advanced readable checkpoint (a damaged one is named and the one before it used);
+        None where there is none."""
+        found = [path for _, path in list_checkpoints(self.output_dir)]
+        damaged = damaged_checkpoints(self.output_dir)
+        if not found and damaged:
+            raise self._none_intact(damaged[0])
+        for index, checkpoint in enumerate(reversed(found)):
+            try:
+                position, result = self._load_checkpoint(checkpoint)
+            except DamagedCheckpointError as error:
+                if index == len(found) - 1:
+                    raise self._none_intact(error) from None
+                logger.warning("%s: resuming from the checkpoint before it.", error)
+                continue
+            result.processes = self.processes
+            logger.info("resuming at epoch %d, step %d of %d, from %s", position.epoch, position.step_in_epoch,
+                        self.steps_per_epoch, checkpoint)
+            return position, result
+        return None
+
+    def _none_intact(self, error: DamagedCheckpointError) -> DamagedCheckpointError:
+        return DamagedCheckpointError(f"{error}, and no checkpoint in {self.output_dir} is intact: rerun with "
+                                      "--restart to train from scratch (it discards them), or put back the files "
+                                      "from a copy.")
 
     def discard_checkpoints(self) -> None:
         """Remove this output folder's checkpoints (for ``--restart``)."""
@@ -357,17 +425,21 @@ class Trainer:
     def train(self, resume: bool = True) -> TrainResult:
         """Run (or finish) training; with `resume`, continue from the most advanced complete checkpoint."""
         device = self.accelerator.device
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), StopRequests() as stop:
+            self._stop = stop
             return self._train(resume, device)
+
+    def _stop_requested(self, device: torch.device) -> int | None:
+        """The signal asking to stop, if any process received one (every process then stops at the same step)."""
+        signum = self._stop.signum or 0
+        if self.processes > 1:
+            signum = int(self.accelerator.gather(torch.tensor([signum], device=device)).max())
+        return signum or None
 
     def _train(self, resume: bool, device: torch.device) -> TrainResult:
         position, result = Position(), TrainResult(processes=self.processes)
-        checkpoint = self.latest_checkpoint() if resume else None
-        if checkpoint is not None:
-            position, result = self._load_checkpoint(checkpoint)
-            result.processes = self.processes
-            logger.info("resuming at epoch %d, step %d of %d, from %s", position.epoch, position.step_in_epoch,
-                        self.steps_per_epoch, checkpoint)
+        if resume:
+            position, result = self._resume() or (position, result)
         main = self.accelerator.is_main_process
         if self.config.log_with:
             self.accelerator.init_trackers("hificl", config=self.config.optimisation())
@@ -434,6 +506,10 @@ class Trainer:
             every = self.config.checkpoint_every
             if every and result.steps % every == 0 and position.step_in_epoch < len(steps):
                 self._save_step_checkpoint(position, result)
+            signum = self._stop_requested(device)
+            if signum is not None:
+                self._save_step_checkpoint(position, result)
+                raise Interrupted(signum, self.output_dir / f"{STEP_PREFIX}{result.steps}")
         record: dict[str, Any] = {"epoch": epoch, "train_loss": sum(position.losses) / len(position.losses),
                                   "seconds": position.seconds}
         if self.validate is not None:

@@ -82,9 +82,10 @@ class AdapterModel(nn.Module, ABC):
         which must hold an adapter of the same settings (e.g. a checkpoint of this training run)."""
 
     @abstractmethod
-    def record_training(self, method: str, options: dict[str, Any]) -> None:
-        """Record, in the active adapter's saved config, the hificl method and options that train it (so that
-        `hificl eval --adapter` reports what actually trained it)."""
+    def record_training(self, method: str, options: dict[str, Any], data: dict[str, Any] | None = None) -> None:
+        """Record, in the active adapter's saved config, the hificl method and options that train it and, once
+        known, the data it trains on (task, example counts), so that `hificl eval --adapter` reports what
+        actually trained it."""
 
     @abstractmethod
     def _release(self) -> None:
@@ -191,6 +192,11 @@ def register_adapter(cls: type[AdapterModel]) -> type[AdapterModel]:
     """Class decorator: make `load_adapter_model` load saved adapters of ``cls.method``."""
     ADAPTERS.register(cls.method, cls)
     return cls
+
+
+def training_record(method: str, options: dict[str, Any], data: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a saved adapter's ``trained_by`` holds: the method, its options and (once known) its training data."""
+    return {"method": method, "options": options, **({"data": data} if data else {})}
 
 
 def saved_method(model_dir: str | os.PathLike) -> tuple[str, dict[str, Any]]:

@@ -25,7 +25,7 @@ from ..routing import ModelShape, RoutedAttention, find_language_model
 from ..tuner import HiFICLConfig, HiFICLTuner
 from ..tuner.config import HIFICL_FIELDS
 from ..tuner.layer import BASE_ROW
-from .base import AdapterModel, check_saved_type, register_adapter
+from .base import AdapterModel, check_saved_type, register_adapter, training_record
 from .files import (CONFIG_NAME, DEFAULT_ADAPTER, WEIGHTS_NAME, adapter_folder, check_tensors, read_adapter_config,
                     read_adapter_weights)
 
@@ -109,10 +109,10 @@ class PeftAdapterModel(AdapterModel):
     def _set_trainable(self, name: str, trainable: bool) -> None:
         self.peft_model.set_requires_grad(name, trainable)
 
-    def record_training(self, method: str, options: dict[str, Any]) -> None:
+    def record_training(self, method: str, options: dict[str, Any], data: dict[str, Any] | None = None) -> None:
         config = self.peft_config[self.active_adapter]
         if hasattr(config, "trained_by"):
-            config.trained_by = {"method": method, "options": options}
+            config.trained_by = training_record(method, options, data)
 
     # ----------------------------------------------------------------------- running
     @contextlib.contextmanager
@@ -194,7 +194,13 @@ class PeftAdapterModel(AdapterModel):
 
     @classmethod
     def _for_saved(cls, base_model, data: dict[str, Any], folder: Path, adapter_name: str) -> "PeftAdapterModel":
-        return cls._attach(base_model, cls._parse(data, folder), folder, adapter_name)
+        config = cls._parse(data, folder)
+        try:  # PEFT checks some values only when it builds the layers (e.g. LoRA's r)
+            return cls._attach(base_model, config, folder, adapter_name)
+        except AdapterMismatchError:
+            raise
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"{folder / CONFIG_NAME}: {error}") from None
 
     @classmethod
     @abstractmethod
@@ -204,11 +210,21 @@ class PeftAdapterModel(AdapterModel):
 
 def _peft_fields(cls: type, data: dict[str, Any], folder: Path) -> dict[str, Any]:
     """The saved fields that `cls` (a PEFT config class) takes; a field it does not know is an error naming it."""
-    known = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - known)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
     if unknown:
         raise AdapterMismatchError(f"{folder / CONFIG_NAME} has fields {unknown} that this version's {cls.__name__} "
                                    "does not know: it was written by a newer version; upgrade hificl and peft.")
+    for name, value in data.items():  # a value of another kind than its field's default (PEFT checks few)
+        field = fields[name]
+        kind = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", "")
+        if field.default is not None and field.default is not dataclasses.MISSING:
+            kind = type(field.default).__name__
+        kinds = {"bool": (bool,), "int": (int,), "float": (int, float)}.get(kind)
+        if kinds and value is not None and (not isinstance(value, kinds) or (bool not in kinds and
+                                                                             isinstance(value, bool))):
+            raise AdapterMismatchError(f"{folder / CONFIG_NAME}: {name} must be {kind}, got {value!r}. Fix the value "
+                                       "there, or save the adapter again.")
     return dict(data)
 
 

@@ -66,7 +66,7 @@ class PromptLearningModel(PeftAdapterModel):
 
     gradient_checkpointing_enable = activation_checkpointing_enable
 
-    def record_training(self, method: str, options: dict[str, Any]) -> None:
+    def record_training(self, method: str, options: dict[str, Any], data: dict[str, Any] | None = None) -> None:
         """The config's own fields hold the adapter's settings; nothing else is recorded."""
 
     def _release(self) -> None:

@@ -20,7 +20,7 @@ from ..core import AdapterMismatchError
 from ..core.validate import known_fields
 from ..routing import ModelShape
 from ..tuner.layer import RowSelection
-from .base import AdapterModel
+from .base import AdapterModel, training_record
 from .files import (CONFIG_NAME, DEFAULT_ADAPTER, WEIGHTS_NAME, adapter_folder, check_tensors, read_adapter_config,
                     read_adapter_weights, write_adapter)
 
@@ -99,8 +99,8 @@ class ShiftModel(AdapterModel):
         self._check_names([name])
         return dict(self.shifts.named_parameters())
 
-    def record_training(self, method: str, options: dict[str, Any]) -> None:
-        self.trained_by = {"method": method, "options": options}
+    def record_training(self, method: str, options: dict[str, Any], data: dict[str, Any] | None = None) -> None:
+        self.trained_by = training_record(method, options, data)
 
     def save_pretrained(self, save_directory, adapter_names: Sequence[str] | None = None) -> None:
         self._check_names(list(adapter_names or []))
@@ -122,7 +122,7 @@ class ShiftModel(AdapterModel):
         folder = Path(model_dir)
         data, tensors = self._read(folder)
         self._load_state(tensors, folder / WEIGHTS_NAME)
-        self.config = settings_from_saved(self.config_class, data)
+        self.config = settings_from_saved(self.config_class, data, folder)
         self.trained_by = data.get("trained_by")
         self._set_trainable(adapter_name, is_trainable)
 
@@ -149,12 +149,16 @@ class ShiftModel(AdapterModel):
     def _for_saved(cls, base_model, config: dict[str, Any], folder: Path, adapter_name: str) -> "ShiftModel":
         if adapter_name != DEFAULT_ADAPTER:
             raise ValueError(f"A {cls.title} model holds one adapter, named {DEFAULT_ADAPTER!r}.")
-        return cls(base_model, settings_from_saved(cls.config_class, config))
+        return cls(base_model, settings_from_saved(cls.config_class, config, folder))
 
 
-def settings_from_saved(cls: type, data: dict[str, Any], error: type[Exception] = AdapterMismatchError) -> Any:
-    """An adapter settings dataclass `cls` from a saved adapter_config.json (its own fields only; unknown fields
-    are an error)."""
+def settings_from_saved(cls: type, data: dict[str, Any], folder: Path | None = None) -> Any:
+    """An adapter settings dataclass `cls` from a saved adapter_config.json (its own fields only); an unknown field
+    or a bad value is an `AdapterMismatchError` naming the file (in `folder`)."""
+    where = f"{folder / CONFIG_NAME}: " if folder is not None else ""
     fields = {k: v for k, v in data.items() if k not in SAVED_KEYS}
-    known_fields(fields, (f.name for f in dataclasses.fields(cls) if f.init), cls.__name__, error=error)
-    return cls(**fields)
+    try:
+        known_fields(fields, (f.name for f in dataclasses.fields(cls) if f.init), cls.__name__)
+        return cls(**fields)
+    except ValueError as error:
+        raise AdapterMismatchError(f"{where}{error} Fix the value there, or save the adapter again.") from None

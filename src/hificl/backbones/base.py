@@ -150,10 +150,16 @@ class Backbone:
             encoded = self.tokenizer([text], return_tensors="pt", add_special_tokens=special)
         return dict(encoded)
 
+    @property
+    def context_length(self) -> int | None:
+        """The most positions the language model handles (its config's ``max_position_embeddings``), if stated."""
+        return getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
+
     def encode(self, prompts: Sequence[Sequence[Segment]], targets: Sequence[str] | None = None,
-               padding_side: str = "left") -> dict[str, torch.Tensor]:
+               padding_side: str = "left", names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
         """A padded batch. With `targets`, each target's tokens (see `completion`) follow its prompt and `labels`
-        hold them (and -100 everywhere else: prompt, images, padding), so the loss covers exactly the answer."""
+        hold them (and -100 everywhere else: prompt, images, padding), so the loss covers exactly the answer.
+        A row longer than `context_length` is an error naming its example (`names`: the examples' ids)."""
         if targets is not None and len(targets) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets.")
         rows = []
@@ -172,6 +178,12 @@ class Backbone:
                 ids, labels = torch.cat([ids, target_ids]), torch.cat([labels, target_ids])
                 extra = {key: torch.cat([value, value.new_zeros(len(target_ids))]) for key, value in extra.items()}
             rows.append({"input_ids": ids, "labels": labels, "tokens": extra, "images": row})
+            limit = self.context_length
+            if limit and len(ids) > limit:
+                which = f"example {names[index]!r}" if names else f"prompt {index} of the batch"
+                raise ValueError(f"The {which} is {len(ids)} tokens long{' with its answer' if targets else ''}, more "
+                                 f"than the {limit} positions of {self.name}: shorten its text, show fewer "
+                                 "demonstrations (shots), or drop the example.")
         batch = self.collate(rows, padding_side)
         if targets is None:
             batch.pop("labels")

@@ -9,7 +9,7 @@ from ..adapters import CONFIG_NAME, LoraModel, saved_method
 from ..core import AdapterMismatchError
 from ..core.validate import unknown_options
 from ..registry import Registry
-from .base import Method, Parts
+from .base import Method, Parts, distinct_labels
 from .distill import Distill
 from .hificl import HiFICL
 from .icl import InContext, ZeroShot
@@ -52,6 +52,6 @@ def method_for_adapter(folder) -> Method:
                                    "remove 'trained_by' to evaluate it under the settings its config holds.") from None
 
 
-__all__ = ["METHODS", "Method", "Parts", "Cartridge", "Distill", "PrefixTuning", "HiFICL", "InContext", "Live", "LiveModel", "Lora", "LoraModel", "MimIC",
+__all__ = ["METHODS", "Method", "Parts", "distinct_labels", "Cartridge", "Distill", "PrefixTuning", "HiFICL", "InContext", "Live", "LiveModel", "Lora", "LoraModel", "MimIC",
            "MimicModel", "ZeroShot", "get_method", "method_for_adapter",
            "register_method"]

@@ -102,13 +102,20 @@ class Method:
 
     @property
     def id(self) -> str:
-        """A stable identifier: the name and a short hash of the options (names result folders)."""
-        options = json.dumps(self.options, sort_keys=True, default=str)
-        return f"{self.name}-{hashlib.sha1(options.encode()).hexdigest()[:8]}" if self.options else self.name
+        """A stable identifier: the name and a short hash of the options and the method's own training settings
+        (names result folders)."""
+        settings = {**self.options, **({"train": self.train_overrides} if self.train_overrides else {})}
+        digest = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
+        return f"{self.name}-{digest}" if settings else self.name
+
+    def settings(self) -> dict[str, Any]:
+        """The options and the method's own training settings (``train.<name>``), flat."""
+        return {**self.options, **{f"train.{k}": v for k, v in self.train_overrides.items()}}
 
     def describe(self) -> dict[str, Any]:
         """The method's label and settings, for reports."""
-        return {"method": self.label, "name": self.name, **self.options}
+        return {"method": self.label, "name": self.name, **self.options,
+                **({"train": self.train_overrides} if self.train_overrides else {})}
 
     def prompter(self, backbone: Backbone, task: Task, seeds: Seeds) -> Prompter:
         """How the method shows a query (default: the query prompt alone)."""
@@ -138,3 +145,21 @@ class Method:
         """The method of a saved adapter that records no ``trained_by`` (saved by an earlier version, or trained
         outside hificl), from what its adapter_config.json holds (trained methods only)."""
         raise ValueError(f"Method {cls.name!r} trains no adapter.")
+
+
+def distinct_labels(methods: list[Method]) -> dict[str, str]:
+    """A table label per method id: the method's label, and where two methods share it, the settings in which
+    they differ (e.g. "HiFICL (rank=4)" and "HiFICL (rank=8)", "LoRA (train.lr=0.0005)")."""
+    labels = {}
+    for method in methods:
+        twins = [m for m in methods if m.label == method.label]
+        settings = [m.settings() for m in twins]
+        differing = [k for k in sorted({k for s in settings for k in s})
+                     if len({json.dumps(s.get(k), sort_keys=True, default=str) for s in settings}) > 1]
+        mine = method.settings()
+        suffix = ", ".join(f"{k}={'default' if mine.get(k) is None else mine[k]}" for k in differing)
+        label = method.label
+        if suffix:
+            label = f"{label[:-1]}; {suffix})" if label.endswith(")") else f"{label} ({suffix})"
+        labels[method.id] = label
+    return labels

@@ -58,7 +58,7 @@ class TeacherAnswers:
         model.eval()
         draws = []
         for teacher in self.teachers:
-            batch = backbone.encode(teacher.prompts(queries), padding_side="left")
+            batch = backbone.encode(teacher.prompts(queries), padding_side="left", names=[q.id for q in queries])
             batch = {k: v.to(backbone.device) for k, v in batch.items()}
             with model.disable_adapter():
                 raws = generate_answers(model, backbone, self.task, batch, self.task.max_new_tokens)

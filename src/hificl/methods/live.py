@@ -36,6 +36,11 @@ class LiveConfig:
     scale_init: float = 0.1
     init_seed: int = 0
 
+    def __post_init__(self):
+        number(self.vector_std, "LiveConfig.vector_std")
+        number(self.scale_init, "LiveConfig.scale_init", minimum=None)
+        integer(self.init_seed, "LiveConfig.init_seed", minimum=None)
+
 
 class LiveShifts(nn.Module):
     def __init__(self, num_layers: int, hidden_size: int, config: LiveConfig):

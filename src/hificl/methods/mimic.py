@@ -94,6 +94,11 @@ class MimicConfig:
     weight_std: float = 0.02
     init_seed: int = 0
 
+    def __post_init__(self):
+        number(self.shift_std, "MimicConfig.shift_std")
+        number(self.weight_std, "MimicConfig.weight_std")
+        integer(self.init_seed, "MimicConfig.init_seed", minimum=None)
+
 
 class MimicShifts(nn.Module):
     def __init__(self, num_layers: int, heads: int, head_dim: int, config: MimicConfig):

@@ -11,8 +11,12 @@ optional ``image`` (a path, absolute or relative to the JSONL file's folder), op
 from __future__ import annotations
 
 import json
+import unicodedata
 from pathlib import Path
 
+from PIL import Image
+
+from ..core.validate import integer
 from ..seeding import DEFAULT_SEED
 from .base import Example, ImageRef, Task, split_off_validation
 
@@ -45,13 +49,15 @@ def read_jsonl(path: str | Path) -> list[Example]:
             if unknown:
                 raise ValueError(f"{where}: unknown field(s) {unknown}; known fields: {sorted(KNOWN_FIELDS)}.")
             question = record.get("question", record.get("prompt"))
-            if not isinstance(question, str) or not question.strip():
-                raise ValueError(f"{where}: needs a non-empty string 'question' (or 'prompt').")
+            if not isinstance(question, str) or not visible(question):
+                raise ValueError(f"{where}: needs a 'question' (or 'prompt') string with visible text (not only "
+                                 "spaces, control or zero-width characters).")
             answers = record.get("answers", [record["answer"]] if "answer" in record else None)
             if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
                 raise ValueError(f"{where}: needs 'answer' (a string) or 'answers' (a non-empty list of strings).")
-            if not all(a.strip() for a in answers):
-                raise ValueError(f"{where}: an answer is empty; give every answer some text (or drop the line).")
+            if not all(visible(a) for a in answers):
+                raise ValueError(f"{where}: an answer has no visible text; give every answer some text (or drop the "
+                                 "line).")
             image = None
             if record.get("image") is not None:
                 if not isinstance(record["image"], str):
@@ -60,6 +66,7 @@ def read_jsonl(path: str | Path) -> list[Example]:
                 image_path = image_path if image_path.is_absolute() else path.parent / image_path
                 if not image_path.is_file():
                     raise FileNotFoundError(f"{where}: image file not found: {image_path}")
+                check_image(image_path, where)
                 image = ImageRef(str(image_path))
             example_id = str(record.get("id", f"{path.stem}-{number}"))
             if example_id in seen:
@@ -74,13 +81,34 @@ def read_jsonl(path: str | Path) -> list[Example]:
     return examples
 
 
+def visible(text: str) -> bool:
+    """Whether `text` has a character that shows: not only whitespace, control or format (zero-width) ones."""
+    return any(not (c.isspace() or unicodedata.category(c) in ("Cc", "Cf", "Zs", "Zl", "Zp")) for c in text)
+
+
+def check_image(path: Path, where: str) -> None:
+    """Open the image's header and check its data (cheap: no decoding to pixels), so a file that is not an image
+    is found when the task is read, not when a batch first shows it."""
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ValueError(f"{where}: {path} is not a readable image ({error}); replace the file or drop the "
+                         "line.") from None
+
+
 def jsonl_task(train: str, test: str, validation: str | None = None, validation_size: int = 0,
                seed: int = DEFAULT_SEED, name: str | None = None, **task_options) -> Task:
     """A task from JSONL files. Without a validation file, `validation_size` examples of train are held out."""
+    integer(validation_size, "task.validation_size", minimum=0)
     train_examples = read_jsonl(train)
     if validation:
         validation_examples = read_jsonl(validation)
     elif validation_size:
+        if validation_size >= len(train_examples):
+            raise ValueError(f"validation_size {validation_size} would hold out all {len(train_examples)} examples of "
+                             f"{train} for validation, leaving none to train on: lower it (e.g. to "
+                             f"{max(1, len(train_examples) // 5)}), or give a validation file.")
         train_examples, validation_examples = split_off_validation(train_examples, validation_size, seed)
     else:
         validation_examples = []
