@@ -171,3 +171,24 @@ def test_the_inspect_command_writes_a_heatmap_and_json(tiny_vlm, colour_task, tm
     assert report["queries"] == 4 and len(report["virtual_share"]) == 2 and len(report["virtual_share"][0]) == 4
     assert (tmp_path / "inspect" / "virtual_share.png").stat().st_size > 0
     assert "attention share of the virtual slots" in capsys.readouterr().out
+
+
+def test_teacher_answers_show_progress_and_a_finished_run_does_not_redo_them(tiny_vlm, colour_task, tmp_path,
+                                                                             capsys, monkeypatch):
+    """The teacher's answers come with a progress bar; a rerun after training finished resumes from the last
+    checkpoint without generating them again (they only serve steps that are left)."""
+    from hificl.methods.distill import TeacherAnswers
+
+    args = ["train", "--backbone", tiny_vlm, "--set",
+            f"task={{name: jsonl, train: {colour_task['train']}, test: {colour_task['test']}}}",
+            "--set", "train.epochs=1", "--set", "train.batch_size=8", "--set", "train.grad_accum=1",
+            "--set", "validation_samples=0", "--set", "eval.max_new_tokens=2",
+            "--set", "methods=[{name: distill, shots: 2}]", "--output-dir", str(tmp_path / "train")]
+    assert cli_main(args) == 0
+    assert "teacher answers" in capsys.readouterr().err
+
+    def regenerated(*args, **kwargs):
+        raise AssertionError("teacher answers generated again for a finished run")
+
+    monkeypatch.setattr(TeacherAnswers, "_generate", regenerated)
+    assert cli_main(args) == 0

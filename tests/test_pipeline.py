@@ -398,3 +398,13 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resumes_to_the_same_
     assert result.steps == reference.total_steps
     for key, value in parts.adapter.adapters.state_dict().items():
         assert torch.equal(value, expected[key]), key
+
+
+def test_validation_asked_of_a_task_without_it_is_said(workspace, tmp_path, caplog, capsys):
+    config = _config(workspace, tmp_path, task={"name": "jsonl", "train": workspace["task"]["train"],
+                                                "test": workspace["task"]["test"]}, validation_samples=30)
+    with caplog.at_level("WARNING", logger="hificl"):
+        run = pipeline.Run(config)
+    assert run.validation_examples == []
+    warned = caplog.text + capsys.readouterr().err
+    assert "validation_samples is 30 but task" in warned and "no epoch is chosen on validation" in warned

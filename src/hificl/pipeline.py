@@ -79,6 +79,11 @@ class Run:
             self.task.subset("validation", self._budget("validation", config.validation_samples), self.data_seed)
             if config.validation_samples and self.task.splits.get("validation") else [])
         self.test_examples = self.task.subset("test", self._budget("test", config.test_samples), self.data_seed)
+        if config.validation_samples and not self.validation_examples:
+            logger.warning("validation_samples is %d but task %r has no validation examples: no epoch is chosen on "
+                           "validation (the last epoch is reported). Give the task a validation split (e.g. "
+                           "task.validation_size for a JSONL task), or set validation_samples: 0.",
+                           config.validation_samples, self.task.name)
         self.efficiency_points = self._efficiency_points()
         for method in self.methods:
             if method.trainable:

@@ -274,7 +274,8 @@ class Trainer:
         model: the module (its frozen parameters are left alone).
         objective: builds batches from training items (``objective.batch``) and the loss (``objective.loss``);
             an objective with ``set_epoch(epoch)`` is told each epoch before its batches are built, and one with
-            ``prepare(items)`` is given every training item once before training (on every process).
+            ``prepare(items, progress=...)`` is given every training item once before training (on every process;
+            not when a resumed run has no step left).
         examples: the training items.
         config: a `TrainConfig`.
         output_dir: where the checkpoints go (``epoch-<n>/``, and the latest ``step-<n>/``).
@@ -445,8 +446,9 @@ class Trainer:
             self.accelerator.init_trackers("hificl", config=self.config.optimisation())
         if self.config.gradient_checkpointing:
             self.unwrapped.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        if hasattr(self.objective, "prepare"):  # work on every training item before the first batch
-            self.objective.prepare(self.examples)
+        finished = position.epoch > self.config.epochs
+        if hasattr(self.objective, "prepare") and not finished:  # work on every item before the first batch
+            self.objective.prepare(self.examples, progress=self.progress)
         _reset_peak_memory(device)
         bar = tqdm(total=self.total_steps, initial=result.steps, desc="train", unit="step",
                    disable=not (self.progress and main), dynamic_ncols=True)

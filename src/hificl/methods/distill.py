@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..adapters import AdapterModel
 from ..core.validate import choice, integer, number
@@ -71,8 +72,9 @@ class TeacherAnswers:
             answers[query.id] = next(draw[index] for draw in draws if votes[draw[index]] == best)
         return answers
 
-    def prepare(self, queries: list[Query]) -> None:
-        """Generate the answers of every training query (each process its share of the batches, then gathered)."""
+    def prepare(self, queries: list[Query], progress: bool = True) -> None:
+        """Generate the answers of every training query (each process its share of the batches, then gathered),
+        with a progress bar (ETA) on the main process."""
         from accelerate.utils import gather_object
 
         from ..distributed import process_state
@@ -80,9 +82,13 @@ class TeacherAnswers:
         state = process_state()
         missing = [q for q in queries if q.id not in self.answers]
         batches = [missing[i:i + self.batch_size] for i in range(0, len(missing), self.batch_size)]
+        mine_batches = batches[state.process_index::state.num_processes]
         mine = {}
-        for batch in batches[state.process_index::state.num_processes]:
-            mine.update(self._generate(batch))
+        with tqdm(total=sum(len(b) for b in mine_batches), desc="teacher answers", unit="q", dynamic_ncols=True,
+                  disable=not (progress and state.is_main_process)) as bar:
+            for batch in mine_batches:
+                mine.update(self._generate(batch))
+                bar.update(len(batch))
         for answers in (gather_object([mine]) if state.num_processes > 1 else [mine]):
             self.answers.update(answers)
 
@@ -102,8 +108,8 @@ class TeacherAnswerKL(TeacherObjective):
         super().__init__(backbone, task, prompter, answers.teachers[0])
         self.answers, self.teachers, self.ce_weight = answers, answers.teachers, ce_weight
 
-    def prepare(self, items: list[Query]) -> None:
-        self.answers.prepare(items)
+    def prepare(self, items: list[Query], progress: bool = True) -> None:
+        self.answers.prepare(items, progress)
 
     def batch(self, items: list[Query]) -> list[TeacherBatch]:
         """One aligned batch per teacher draw (the same student inputs)."""
@@ -138,8 +144,8 @@ class TeacherAnswerAlignment(TeacherMLPAlignment):
         super().__init__(backbone, task, prompter, answers.teachers[0], mlps, align_weight=1.0, ce_weight=ce_weight)
         self.answers = answers
 
-    def prepare(self, items: list[Query]) -> None:
-        self.answers.prepare(items)
+    def prepare(self, items: list[Query], progress: bool = True) -> None:
+        self.answers.prepare(items, progress)
 
     def batch(self, items: list[Query]) -> TeacherBatch:
         labelled = self.answers(items)
