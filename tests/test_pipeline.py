@@ -379,15 +379,15 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resumes_to_the_same_
     expected = {k: v.clone() for k, v in parts.adapter.adapters.state_dict().items()}
     stopped, parts = _trainer(workspace, tmp_path / "run", epochs=2)
     calls = []
-    loss = stopped.objective.loss
+    terms = stopped.objective.terms
 
     def signalled(model, batch):
         calls.append(1)
         if len(calls) == 3:  # during the 2nd optimiser step (2 micro-batches a step)
             os.kill(os.getpid(), signal.SIGTERM)
-        return loss(model, batch)
+        return terms(model, batch)
 
-    stopped.objective.loss = signalled
+    stopped.objective.terms = signalled
     with pytest.raises(Interrupted) as stop:
         stopped.train()
     assert stop.value.signum == signal.SIGTERM and stop.value.checkpoint.name == "step-2"
@@ -408,3 +408,21 @@ def test_validation_asked_of_a_task_without_it_is_said(workspace, tmp_path, capl
     assert run.validation_examples == []
     warned = caplog.text + capsys.readouterr().err
     assert "validation_samples is 30 but task" in warned and "no epoch is chosen on validation" in warned
+
+
+def test_a_step_of_several_micro_batches_is_the_mean_over_its_answer_tokens(workspace, tmp_path):
+    """With grad_accum micro-batches a step's loss (and so its gradient) is the cross-entropy over all of the step's
+    answer tokens, as if it were one batch, not the mean of the micro-batches' means."""
+    trainer, parts = _trainer(workspace, tmp_path, epochs=1)
+    step = [[0, 1, 2, 3, 4], [5, 6]]  # as an epoch's last step can be: micro-batches of other sizes
+    items = [[trainer.examples[i] for i in chunk] for chunk in step]
+    objective = parts.objective
+    with torch.no_grad():
+        whole = objective.loss(parts.model, objective.batch(items[0] + items[1])).item()
+        means = [objective.loss(parts.model, objective.batch(chunk)).item() for chunk in items]
+        tokens = [objective.counts(objective.batch(chunk))[0] for chunk in items]
+    # answers of other lengths: weighing the micro-batches equally or by examples would give another loss
+    assert tokens[0] * 2 != tokens[1] * 5
+    assert abs(whole - sum(means) / 2) > 1e-4 and abs(whole - (5 * means[0] + 2 * means[1]) / 7) > 1e-4
+    trainer._examples_seen = 0
+    assert trainer._step(step, 0, trainer.accelerator.device) == pytest.approx(whole, rel=1e-5)

@@ -1,6 +1,11 @@
 """Objectives: what a trained method minimises. An objective builds the inputs of a training step from training
 items (`batch`, the trainer's collate function) and computes the loss of a model on them (`loss`).
 
+A loss is a weighted sum of means (cross-entropy over answer tokens, KL over aligned positions, ...): `terms`
+returns each ``(weight, mean)`` and `counts` how many elements each mean is over, read from the batch alone. The
+trainer weighs every micro-batch's means by its share of the optimiser step's elements, so a step's loss is the
+mean over all of its elements however its examples are split into micro-batches and dealt out to processes.
+
 * `AnswerLoss`: cross-entropy on the answer tokens of the zero-shot prompt (HiFICL, LoRA).
 * `TeacherKL`: distil a k-shot teacher's next-token distributions into the student, plus CE (LIVE).
 * `TeacherMLPAlignment`: match the teacher's MLP outputs layer by layer, plus CE (MimIC; HiFICL's teacher
@@ -46,7 +51,18 @@ class AnswerLoss:
         """The inputs of a training step on `items`."""
         return self.student_batch(items)
 
+    def counts(self, batch) -> list[int]:
+        """How many elements each of the loss's `terms` is a mean over: here the answer tokens."""
+        return [answer_tokens(batch["labels"])]
+
+    def terms(self, model: nn.Module, batch) -> list[tuple[float, torch.Tensor]]:
+        """The loss's ``(weight, mean)`` terms: the cross-entropy on the answer tokens."""
+        return [(1.0, self.answer_loss(model, batch))]
+
     def loss(self, model: nn.Module, batch) -> torch.Tensor:
+        return weighted(self.terms(model, batch))
+
+    def answer_loss(self, model: nn.Module, batch) -> torch.Tensor:
         if not self.keep_logits:
             return model(**batch).loss
         targets = batch["labels"][:, 1:]  # position t predicts token t + 1
@@ -54,6 +70,19 @@ class AnswerLoss:
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}, logits_to_keep=positions).logits
         return nn.functional.cross_entropy(logits.float().flatten(0, 1), targets[:, positions].flatten(),
                                            ignore_index=IGNORE_INDEX)
+
+
+def weighted(terms: list[tuple[float, torch.Tensor]]) -> torch.Tensor:
+    """A loss from its ``(weight, mean)`` terms."""
+    loss = terms[0][0] * terms[0][1]
+    for weight, mean in terms[1:]:
+        loss = loss + weight * mean
+    return loss
+
+
+def answer_tokens(labels: torch.Tensor) -> int:
+    """The answer tokens a batch's cross-entropy is a mean over (labels after the first position)."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
 # ------------------------------------------------------------------------------------------------ teachers
@@ -183,14 +212,19 @@ class TeacherKL(TeacherObjective):
         super().__init__(backbone, task, prompter, teacher)
         self.ce_weight, self.kl_weight, self.positions = ce_weight, kl_weight, positions
 
-    def loss(self, model: nn.Module, batch: TeacherBatch) -> torch.Tensor:
-        out = model(**batch.student)
-        teacher_logits, _ = Teacher.run(model, batch)
+    def _where(self, batch: TeacherBatch) -> torch.Tensor:
         labels = batch.student["labels"]
         at = answer_positions(labels) if self.positions == "predicting" else labels != -100
-        where = at & batch.aligned()
-        kl = kl_teacher_student(batch.align(teacher_logits), out.logits, where)
-        return self.ce_weight * out.loss + self.kl_weight * kl
+        return at & batch.aligned()
+
+    def counts(self, batch: TeacherBatch) -> list[int]:
+        return [answer_tokens(batch.student["labels"]), int(self._where(batch).sum())]
+
+    def terms(self, model: nn.Module, batch: TeacherBatch) -> list[tuple[float, torch.Tensor]]:
+        out = model(**batch.student)
+        teacher_logits, _ = Teacher.run(model, batch)
+        kl = kl_teacher_student(batch.align(teacher_logits), out.logits, self._where(batch))
+        return [(self.ce_weight, out.loss), (self.kl_weight, kl)]
 
 
 class TeacherMLPAlignment(TeacherObjective):
@@ -202,12 +236,15 @@ class TeacherMLPAlignment(TeacherObjective):
         super().__init__(backbone, task, prompter, teacher)
         self.mlps, self.align_weight, self.ce_weight = mlps, align_weight, ce_weight
 
-    def loss(self, model: nn.Module, batch: TeacherBatch) -> torch.Tensor:
+    def counts(self, batch: TeacherBatch) -> list[int]:
+        return [int(batch.aligned().sum()), answer_tokens(batch.student["labels"])]
+
+    def terms(self, model: nn.Module, batch: TeacherBatch) -> list[tuple[float, torch.Tensor]]:
         with capture_outputs(self.mlps) as student_hidden:
             out = model(**batch.student)
         _, teacher_hidden = Teacher.run(model, batch, self.mlps)
         align = layer_mse([batch.align(t) for t in teacher_hidden], student_hidden, batch.aligned())
-        return self.align_weight * align + self.ce_weight * out.loss
+        return [(self.align_weight, align), (self.ce_weight, out.loss)]
 
 
 @contextlib.contextmanager

@@ -7,10 +7,11 @@ validation callback that picks the best epoch by a named metric, an atomic check
 
 Several processes (``accelerate launch`` / ``torchrun``: DDP, one process per GPU, or gloo processes on a CPU).
 An optimiser step is ``grad_accum`` micro-batches of ``batch_size`` examples, the same ones in the same order
-whatever the number of processes: the micro-batches of a step are dealt out to the processes (so ``grad_accum``
-must be a multiple of their number), each weights its micro-batch losses by their share of the step's examples,
-and the gradients are summed across processes. A process with no micro-batch left in an epoch's last step runs a
-copy of one with weight 0, so every process takes part in every gradient exchange. The main process alone
+whatever the number of processes: the micro-batches of a step are dealt out to the processes (halved where there
+are fewer than processes, so any config runs on any number of them), each term of the loss is weighed by the
+micro-batch's share of the step's elements (answer tokens, positions: `hificl.objectives`), so the step's loss is
+the same mean however it is split, and the gradients are summed across processes. A process with no micro-batch
+left in a step runs a copy of one with weight 0, so every process takes part in every gradient exchange. The main process alone
 writes checkpoints and logs. FSDP and DeepSpeed are refused: they shard or step the trainable parameters
 themselves, which this trainer's checkpoints, clipping and accumulation do not yet follow.
 
@@ -108,7 +109,7 @@ class TrainConfig:
     Attributes:
         epochs: passes over the training examples.
         batch_size: examples per micro-batch (per process); grad_accum: micro-batches per optimiser step, over all
-            processes together (a multiple of their number). The effective batch is ``batch_size * grad_accum``.
+            processes together (any number). The effective batch is ``batch_size * grad_accum``.
         lr, weight_decay: AdamW's; warmup_ratio: share of the steps with a linear warm-up, then cosine decay to 0.
         max_grad_norm: gradient clipping (0 disables it).
         mixed_precision: "no", "bf16" or "fp16" (accelerate's autocast; trainable weights stay float32).
@@ -312,13 +313,6 @@ class Trainer:
                              "--multi_gpu ...` or `torchrun ...`): the frozen backbone is replicated, only the "
                              "adapter's small gradients are exchanged.")
         self.processes = self.accelerator.num_processes
-        if config.grad_accum % self.processes:
-            raise ValueError(
-                f"train.grad_accum ({config.grad_accum}) must be a multiple of the number of processes "
-                f"({self.processes}): each optimiser step deals its micro-batches out to the processes. Keep the "
-                f"effective batch (batch_size x grad_accum = {config.batch_size * config.grad_accum}) with e.g. "
-                f"train.grad_accum={self.processes * math.ceil(config.grad_accum / self.processes)} and a batch_size "
-                "to match.")
         self.unwrapped = model
         self.params = _trainable(model)
         self.optimizer = torch.optim.AdamW(self._groups(param_groups), lr=config.lr, weight_decay=config.weight_decay)
@@ -357,12 +351,19 @@ class Trainer:
         micro = [order[i:i + size] for i in range(0, len(order), size)]
         return [micro[i:i + accum] for i in range(0, len(micro), accum)]
 
-    def _my_slots(self, step: list[list[int]]) -> list[tuple[list[int], int]]:
-        """This process's share of a step: (micro-batch, examples that count) pairs, as many on every process;
-        missing slots repeat the step's first micro-batch with no example counting."""
-        rank, slots = self.accelerator.process_index, math.ceil(len(step) / self.processes)
-        mine = [step[j] for j in range(rank, len(step), self.processes)]
-        return [(chunk, len(chunk)) for chunk in mine] + [(step[0], 0)] * (slots - len(mine))
+    def _my_slots(self, step: list[list[int]]) -> list[tuple[list[int], bool]]:
+        """This process's share of a step: (micro-batch, whether it counts) pairs, as many on every process. The
+        step's micro-batches are dealt out in turn; where there are fewer than processes, the largest are halved
+        until there are enough (or every one holds a single example), so any `grad_accum` runs on any number of
+        processes. Missing slots repeat the step's first micro-batch without counting."""
+        micro = [list(chunk) for chunk in step]
+        while len(micro) < self.processes and max(len(chunk) for chunk in micro) > 1:
+            largest = max(range(len(micro)), key=lambda j: len(micro[j]))
+            chunk, half = micro[largest], (len(micro[largest]) + 1) // 2
+            micro[largest:largest + 1] = [chunk[:half], chunk[half:]]
+        rank, slots = self.accelerator.process_index, math.ceil(len(micro) / self.processes)
+        mine = micro[rank::self.processes]
+        return [(chunk, True) for chunk in mine] + [(micro[0], False)] * (slots - len(mine))
 
     # ---------------------------------------------------------------------------------------- checkpoints
     def _state(self) -> dict[str, Any]:
@@ -547,22 +548,45 @@ class Trainer:
                 if path.name.startswith(STEP_PREFIX) and path.name != but:
                     remove_folder(path)
 
+    def _counts(self, batch: Any, chunk: list[int]) -> list[int]:
+        """How many elements each loss term of a micro-batch is a mean over (`hificl.objectives`); an objective
+        that does not say is weighed by examples."""
+        return self.objective.counts(batch) if hasattr(self.objective, "counts") else [len(chunk)]
+
+    def _terms(self, batch: Any) -> list[tuple[float, torch.Tensor]]:
+        if hasattr(self.objective, "terms"):
+            return self.objective.terms(self.model, batch)
+        return [(1.0, self.objective.loss(self.model, batch))]
+
     def _step(self, step: list[list[int]], done: int, device: torch.device) -> float:
-        """One optimiser step; returns its loss (the step's examples' weighted mean, over all processes)."""
+        """One optimiser step; returns its loss: each term's mean over all of the step's elements (answer tokens,
+        positions), whatever the micro-batches and processes, summed with its weight."""
         torch.manual_seed(step_seed(self.seed, done, self.accelerator.process_index))
-        slots, total = self._my_slots(step), sum(len(chunk) for chunk in step)
+        slots = self._my_slots(step)
+        batches = [send_to_device(self.objective.batch([self.examples[i] for i in chunk]), device)
+                   for chunk, _ in slots]
+        counts = [[c if counts else 0 for c in self._counts(batch, chunk)]
+                  for batch, (chunk, counts) in zip(batches, slots)]
+        totals = [sum(column) for column in zip(*counts)]
+        if self.processes > 1:  # the step's elements over every process
+            totals = self.accelerator.reduce(torch.tensor(totals, dtype=torch.float64, device=device), "sum").tolist()
         local = 0.0
-        for index, (chunk, counted) in enumerate(slots):
-            batch = send_to_device(self.objective.batch([self.examples[i] for i in chunk]), device)
+        for index, (batch, mine) in enumerate(zip(batches, counts)):
             last = index == len(slots) - 1
             with (contextlib.nullcontext() if last else self.accelerator.no_sync(self.model)):
                 with self.accelerator.autocast():
-                    loss = self.objective.loss(self.model, batch)
-                # weight micro-batches by size so a step averages over its examples; DDP averages gradients
-                # over processes, so scaling by their number makes the exchange a sum
-                self.accelerator.backward(loss * (counted * self.processes) / total)
-            local += loss.item() * counted / total
-            self._examples_seen += counted
+                    terms = self._terms(batch)
+                    # each mean weighed by this micro-batch's share of the step's elements (1.0 for a step of one
+                    # micro-batch on one process: the objective's own loss, exactly)
+                    shares = [weight * (n / total if total else 0.0) for (weight, _), n, total in
+                              zip(terms, mine, totals)]
+                    loss = shares[0] * terms[0][1]
+                    for share, (_, mean) in zip(shares[1:], terms[1:]):
+                        loss = loss + share * mean
+                # DDP averages gradients over processes: scaling by their number makes the exchange a sum
+                self.accelerator.backward(loss * self.processes)
+            local += loss.item()
+            self._examples_seen += len(slots[index][0]) if slots[index][1] else 0
         if self.processes > 1:
             local = float(self.accelerator.reduce(torch.tensor(local, dtype=torch.float64, device=device), "sum"))
         step_loss = local

@@ -33,7 +33,8 @@ from ..generation import generate_answers
 from ..adapters import HiFICLModel
 from ..tuner import HiFICLConfig
 from ..tuner.config import HIFICL_FIELDS
-from ..objectives import Teacher, TeacherBatch, TeacherMLPAlignment, TeacherObjective, answer_positions
+from ..objectives import (Teacher, TeacherBatch, TeacherMLPAlignment, TeacherObjective, answer_positions,
+                          answer_tokens)
 from ..prompting import KShot
 from ..tasks import Example, Query, unlabelled
 from .base import Method, Parts
@@ -117,7 +118,12 @@ class TeacherAnswerKL(TeacherObjective):
         student = self.student_batch(labelled)
         return [teacher.batch(labelled, student) for teacher in self.teachers]
 
-    def loss(self, model: nn.Module, batches: list[TeacherBatch]) -> torch.Tensor:
+    def counts(self, batches: list[TeacherBatch]) -> list[int]:
+        first = batches[0]
+        where = answer_positions(first.student["labels"]) & first.aligned()
+        return [int(where.sum())] + ([answer_tokens(first.student["labels"])] if self.ce_weight else [])
+
+    def terms(self, model: nn.Module, batches: list[TeacherBatch]) -> list[tuple[float, torch.Tensor]]:
         first = batches[0]
         out = model(**first.student)
         probs = None
@@ -130,7 +136,7 @@ class TeacherAnswerKL(TeacherObjective):
         teacher_log = torch.log(probs[where].clamp_min(1e-30))
         student_log = torch.log_softmax(out.logits[where].float(), -1)
         kl = (probs[where] * (teacher_log - student_log)).sum(-1).mean()
-        return kl + self.ce_weight * out.loss if self.ce_weight else kl
+        return [(1.0, kl)] + ([(self.ce_weight, out.loss)] if self.ce_weight else [])
 
     def set_epoch(self, epoch: int) -> None:
         for teacher in self.teachers:
