@@ -19,6 +19,7 @@ from .io import atomic_folder, remove_folder
 
 logger = logging.getLogger(__name__)
 EPOCH_PREFIX = "epoch-"
+ARTIFACT = "artifact"  # the method's own files in an epoch's checkpoint (its adapter)
 STEP_PREFIX = "step-"
 STATE_FILE = "trainer_state.json"
 
@@ -65,7 +66,7 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
 def write_checkpoint(folder: Path, params: dict[str, torch.Tensor], names: list[str], optimizer, scheduler,
                      state: dict[str, Any], artifact: Callable[[Path], None] | None = None) -> None:
     """Write a checkpoint folder in one swap: `params` by name, the optimiser's state keyed by the parameter
-    names in its order (`names`), the scheduler and `state` (JSON), and ``artifact(folder / "artifact")``."""
+    names in its order (`names`), the scheduler and `state` (JSON), and ``artifact(folder / ARTIFACT)``."""
     with atomic_folder(folder) as tmp:
         save_file({n: full_tensor(p) for n, p in params.items()}, str(tmp / "trainable.safetensors"))
         optimizer_state = optimizer.state_dict()
@@ -81,7 +82,7 @@ def write_checkpoint(folder: Path, params: dict[str, torch.Tensor], names: list[
         (tmp / STATE_FILE).write_text(json.dumps({**state, "param_groups": groups, "optimizer_scalars": scalars,
                                                   "scheduler": scheduler.state_dict()}, indent=2))
         if artifact is not None:
-            artifact(tmp / "artifact")
+            artifact(tmp / ARTIFACT)
 
 
 def _checkpoint_folders(folder: Path) -> list[tuple[str, Path]]:
@@ -104,6 +105,11 @@ def damaged_checkpoints(folder: Path) -> list[DamagedCheckpointError]:
         except DamagedCheckpointError as error:
             errors.append(error)
     return errors
+
+
+def epoch_artifact(folder: Path, epoch: int) -> Path:
+    """Where the checkpoint of `epoch` in `folder` holds the method's own files (its adapter)."""
+    return folder / f"{EPOCH_PREFIX}{epoch}" / ARTIFACT
 
 
 def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
@@ -179,5 +185,5 @@ def discard_checkpoints(folder: Path) -> None:
         remove_folder(path)
 
 
-__all__ = ["DamagedCheckpointError", "damaged_checkpoints", "EPOCH_PREFIX", "STEP_PREFIX", "Position", "ResumeMismatchError", "check_resumable", "discard_checkpoints",
+__all__ = ["ARTIFACT", "DamagedCheckpointError", "damaged_checkpoints", "epoch_artifact", "EPOCH_PREFIX", "STEP_PREFIX", "Position", "ResumeMismatchError", "check_resumable", "discard_checkpoints",
            "full_tensor", "list_checkpoints", "read_checkpoint", "write_checkpoint"]

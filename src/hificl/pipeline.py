@@ -15,13 +15,12 @@ alone writes files and logs. A run holds its output folder (`hificl.io.folder_lo
 from __future__ import annotations
 
 import contextlib
-import gc
 import hashlib
 import json
 import logging
 import platform
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -40,6 +39,7 @@ from .run_config import RunConfig
 from .seeding import Seeds
 from .stats import spread
 from .tasks import Example, Task, get_task, unlabelled
+from .checkpoints import epoch_artifact
 from .trainer import Selection, TrainConfig, Trainer, TrainResult
 
 logger = logging.getLogger(__name__)
@@ -181,10 +181,11 @@ class Run:
         labelled = method.labelled_ids(self.task, seeds)
         return [unlabelled(e) for e in examples if e.id not in labelled]
 
-    def train_method(self, method: Method, parts: Parts, folder: Path, seeds: Seeds, train_examples=None,
-                     epochs: int | None = None) -> tuple[TrainResult, Trainer]:
-        """Train a method's parts; returns the `TrainResult` and the trainer. Checkpoints go to `folder`. A method
-        trained on unlabelled queries picks no epoch on labelled validation questions: its last epoch is used."""
+    def train_and_select(self, method: Method, parts: Parts, folder: Path, seeds: Seeds, train_examples=None,
+                         epochs: int | None = None) -> "Trained":
+        """Train a method's parts (checkpoints in `folder`) and choose the epoch on validation: the one path every
+        command trains by. A method trained on unlabelled queries picks no epoch on labelled validation questions:
+        its last epoch is used. The trainer is closed (optimiser state released) before this returns."""
         config = self.train_config(method, epochs)
         selection = self.selection(config)
         examples = self.training_examples(method, seeds, train_examples)
@@ -204,9 +205,12 @@ class Run:
                           validate=validate if validation else None, selection=selection,
                           save_artifact=parts.adapter.save_pretrained, param_groups=parts.param_groups,
                           progress=self.config.progress, fingerprint=self.fingerprint(method, examples))
-        if self.restart:
-            trainer.discard_checkpoints()
-        return trainer.train(), trainer
+        try:
+            if self.restart:
+                trainer.discard_checkpoints()
+            return Trained(trainer.train(), folder, parts.adapter)
+        finally:
+            trainer.close()
 
     # -------------------------------------------------------------------------------------------- eval
     def evaluate_parts(self, parts: Parts, folder: Path, label: str) -> EvalResult:
@@ -230,17 +234,15 @@ class Run:
             if not method.trainable:
                 metrics = _row_metrics(self.evaluate_parts(parts, folder, self.label(method)))
                 return [{**base_row, "labelled_examples": parts.prompter.labelled_used, **metrics}]
-            result, trainer = self.train_method(method, parts, folder / "train", seeds)
-            checkpoints = {epoch: trainer.checkpoint(epoch) for epoch in range(1, result.last_epoch + 1)}
-            del trainer  # the trainer's optimiser state and buffers are not needed to evaluate: free them
-            gc.collect()  # before the timed test evaluation
+            trained = self.train_and_select(method, parts, folder / "train", seeds)
+            result = trained.result
             cost = {"train_seconds": result.seconds, "train_seconds_per_step": result.seconds_per_step,
                     "train_steps": result.steps, "train_peak_memory_mb": result.peak_memory_mb,
                     "train_samples": len(self.train_examples), "epochs": result.last_epoch,
                     "processes": result.processes, "history": result.history}
             rows = []
-            for selection, epoch in _reported_epochs(result):
-                parts.adapter.restore_weights(checkpoints[epoch] / "artifact")
+            for selection, epoch in trained.reported_epochs():
+                trained.restore(epoch)
                 evaluation = self.evaluate_parts(parts, folder / f"test-epoch-{epoch}", self.label(method))
                 rows.append({**base_row, **cost, **_row_metrics(evaluation), "epoch": epoch, "selection": selection})
             return rows
@@ -268,14 +270,12 @@ class Run:
                 parts = method.build(self.backbone, self.task, seeds)
                 try:
                     folder = self.output_dir / "data-efficiency" / f"{point['samples']}-samples" / f"seed-{replicate}"
-                    result, trainer = self.train_method(method, parts, folder / "train", seeds, examples,
-                                                        point["epochs"])
-                    epoch = result.best_epoch or result.last_epoch
-                    parts.adapter.restore_weights(trainer.checkpoint(epoch) / "artifact")
+                    trained = self.train_and_select(method, parts, folder / "train", seeds, examples, point["epochs"])
+                    trained.restore(trained.selected_epoch)
                     evaluation = self.evaluate_parts(parts, folder, f"{point['samples']} samples")
                     scores.append([p["score"] for p in evaluation.predictions])
-                    seconds.append(result.seconds)
-                    epochs.append(epoch)
+                    seconds.append(trained.result.seconds)
+                    epochs.append(trained.selected_epoch)
                 finally:
                     parts.close()
             summary = spread(scores)
@@ -307,12 +307,31 @@ def _row_metrics(evaluation: EvalResult) -> dict[str, Any]:
     return {**evaluation.metrics, "per_question": [p["score"] for p in evaluation.predictions]}
 
 
-def _reported_epochs(result: TrainResult) -> list[tuple[str, int]]:
-    if result.best_epoch is None:
-        return [("last epoch", result.last_epoch)]
-    if result.best_epoch == result.last_epoch:
-        return [("selected on validation = last epoch", result.last_epoch)]
-    return [("selected on validation", result.best_epoch), ("last epoch", result.last_epoch)]
+@dataclass
+class Trained:
+    """A finished training: its record, and the adapter whose weights can be set to those of any of its epochs."""
+
+    result: TrainResult
+    folder: Path
+    adapter: Any
+
+    @property
+    def selected_epoch(self) -> int:
+        """The epoch chosen on validation, or the last where there was none."""
+        return self.result.best_epoch or self.result.last_epoch
+
+    def reported_epochs(self) -> list[tuple[str, int]]:
+        """The epochs a results table reports, with how each was chosen."""
+        best, last = self.result.best_epoch, self.result.last_epoch
+        if best is None:
+            return [("last epoch", last)]
+        if best == last:
+            return [("selected on validation = last epoch", last)]
+        return [("selected on validation", best), ("last epoch", last)]
+
+    def restore(self, epoch: int) -> None:
+        """Set the adapter's weights to those saved at the end of `epoch`."""
+        self.adapter.restore_weights(epoch_artifact(self.folder, epoch))
 
 
 _MEANS = ("seconds_per_query", "prompt_tokens_per_query", "train_seconds", "train_seconds_per_step", "train_steps",
@@ -423,14 +442,13 @@ def train(config: RunConfig, restart: bool = False) -> dict[str, Any]:
             logger.warning("`train` trains one adapter: with seed %d (the first of seeds)", run.replicate_seeds[0])
         parts = method.build(run.backbone, run.task, seeds)
         try:
-            result, trainer = run.train_method(method, parts, run.output_dir / "train", seeds)
-            epoch = result.best_epoch or result.last_epoch
-            parts.adapter.restore_weights(trainer.checkpoint(epoch) / "artifact")
+            trained = run.train_and_select(method, parts, run.output_dir / "train", seeds)
+            trained.restore(trained.selected_epoch)
             if run.main:
                 parts.adapter.save_pretrained(run.output_dir / "adapter")
         finally:
             parts.close()
-        summary = {**run.report_header(), "train": result.to_dict(), "selected_epoch": epoch,
+        summary = {**run.report_header(), "train": trained.result.to_dict(), "selected_epoch": trained.selected_epoch,
                    "adapter": str(run.output_dir / "adapter")}
         if run.main:
             atomic_write_json(run.output_dir / "train_summary.json", summary)

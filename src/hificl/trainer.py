@@ -598,8 +598,12 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return step_loss
 
-    def checkpoint(self, epoch: int) -> Path:
-        return self.output_dir / f"{EPOCH_PREFIX}{epoch}"
+    def close(self) -> None:
+        """Release what only training needs (the optimiser's state, the prepared model, the accelerator's
+        references), so that evaluation after it runs without them."""
+        self.optimizer = self.scheduler = self.model = None
+        self.params = {}
+        self.accelerator.free_memory()  # drops the accelerator's references and collects garbage
 
 
 def _epoch_line(record: dict[str, Any]) -> str:
