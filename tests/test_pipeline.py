@@ -426,3 +426,17 @@ def test_a_step_of_several_micro_batches_is_the_mean_over_its_answer_tokens(work
     assert abs(whole - sum(means) / 2) > 1e-4 and abs(whole - (5 * means[0] + 2 * means[1]) / 7) > 1e-4
     trainer._examples_seen = 0
     assert trainer._step(step, 0, trainer.accelerator.device) == pytest.approx(whole, rel=1e-5)
+
+
+@pytest.mark.parametrize("variable, engine", [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")])
+def test_a_sharding_launch_is_refused_before_the_backbone_loads(workspace, tmp_path, monkeypatch, variable, engine):
+    """`accelerate launch` with an FSDP or DeepSpeed config: a run that trains stops before loading the model (which
+    for the models these engines are for takes minutes), naming the engine; evaluating is not refused."""
+    monkeypatch.setenv(variable, "true")
+    loaded = []
+    monkeypatch.setattr(pipeline, "load_backbone", lambda *args, **kwargs: loaded.append(args) or 1 / 0)
+    with pytest.raises(ValueError, match=f"launched for {engine}.*plain DDP"):
+        pipeline.Run(_config(workspace, tmp_path))
+    assert not loaded
+    with pytest.raises(ZeroDivisionError):  # evaluation goes on to load the backbone
+        pipeline.Run(_config(workspace, tmp_path), trains=False)

@@ -30,7 +30,7 @@ import transformers
 from .adapters import saved_method
 from .backbones import Backbone, load_backbone
 from .backbones.identity import backbone_identity
-from .distributed import process_state
+from .distributed import process_state, refuse_sharding_engines
 from .evaluator import EvalResult, evaluate
 from .io import atomic_write_json, folder_lock
 from .methods import Method, Parts, distinct_labels, get_method, method_for_adapter
@@ -58,7 +58,7 @@ def _digest(examples) -> str:
 class Run:
     """One configured run: the backbone, the task and its data subsets are loaded once and shared by methods."""
 
-    def __init__(self, config: RunConfig, restart: bool = False):
+    def __init__(self, config: RunConfig, restart: bool = False, trains: bool = True):
         self.config, self.restart = config, restart
         self.state = process_state()
         self.output_dir = Path(config.output_dir)
@@ -93,6 +93,8 @@ class Run:
                     raise ValueError(f"Method {method.label}: a mixed_precision of its own ({train.mixed_precision}) "
                                      "needs a single process (accelerate fixes the precision of a launched run); "
                                      "set train.mixed_precision for the whole run instead.")
+        if trains and any(method.trainable for method in self.methods):
+            refuse_sharding_engines()  # before minutes of loading a backbone too large for one device
         self.backbone: Backbone = load_backbone(config.backbone, config.dtype, config.chat_template)
         self.backbone.model.to(self.state.device)
         self.backbone_identity = backbone_identity(config.backbone, self.backbone.model)
@@ -462,7 +464,7 @@ def evaluate_config(config: RunConfig, adapter: str | None = None) -> dict[str, 
     from .report import write_report
 
     with _holding(config):
-        run = Run(config)
+        run = Run(config, trains=False)
         trainable = [m.name for m in run.methods if m.trainable]
         if len(trainable) > 1:
             raise ValueError(f"`eval` evaluates one saved adapter, but 'methods' holds {len(trainable)} trainable "
@@ -512,7 +514,7 @@ def inspect(config: RunConfig, adapter: str, queries: int = 64) -> dict[str, Any
     from .prompting import Prompter
 
     with _holding(config):
-        run = Run(config)
+        run = Run(config, trains=False)
         method = method_for_adapter(adapter)
         model = load_adapter_model(run.backbone.model, adapter)
         try:
