@@ -260,16 +260,16 @@ def test_cpu_peak_memory_is_per_training_run_where_linux_allows():
 
     script = """
 import torch
-from hificl.trainer import _peak_memory_mb, _reset_peak_memory
+from hificl.memory import peak_memory_mb, reset_peak_memory
 cpu = torch.device("cpu")
-if not _reset_peak_memory(cpu):
+if not reset_peak_memory(cpu):
     print("skip"); raise SystemExit
-start = _peak_memory_mb(cpu)
+start = peak_memory_mb(cpu)
 big = torch.ones(100_000_000)  # 400 MB, touched
 del big
-with_big = _peak_memory_mb(cpu)
-_reset_peak_memory(cpu)
-print(start, with_big, _peak_memory_mb(cpu))
+with_big = peak_memory_mb(cpu)
+reset_peak_memory(cpu)
+print(start, with_big, peak_memory_mb(cpu))
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
     if out == ["skip"]:

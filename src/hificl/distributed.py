@@ -4,9 +4,12 @@ launch`` / ``torchrun``: one process per GPU, or gloo processes on a machine wit
 from __future__ import annotations
 
 import os
+from pathlib import Path
+from typing import Sequence
 
 import torch
-from accelerate import PartialState
+from accelerate import Accelerator, PartialState
+from accelerate.state import AcceleratorState
 
 SHARDING_ENGINES = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed"}
 
@@ -34,3 +37,13 @@ def refuse_sharding_engines() -> None:
                          f"launched for {engine} (distributed_type in the accelerate config). Launch it with plain DDP "
                          "(e.g. `accelerate launch --multi_gpu ...` or `torchrun ...`): the frozen backbone is "
                          "replicated, only the adapter's small gradients are exchanged.")
+
+
+def accelerator_for(mixed_precision: str, log_with: Sequence[str] = (), project_dir: Path | None = None) -> Accelerator:
+    """An Accelerator with this precision. accelerate keeps one process-wide state; a single-process run that
+    asks for another precision than an earlier trainer (e.g. a comparison in one Python session) resets it."""
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") not in (None, mixed_precision) and AcceleratorState().num_processes == 1:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available(),
+                       log_with=list(log_with) or None, project_dir=str(project_dir) if project_dir else None)

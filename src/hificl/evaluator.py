@@ -22,26 +22,12 @@ from accelerate.utils import DistributedType, gather_object
 from tqdm.auto import tqdm
 
 from .backbones import Backbone
-from .core.validate import integer
 from .distributed import process_state
 from .generation import generate_answers
 from .io import atomic_write_json, atomic_write_text
 from .prompting import Prompter
+from .settings import GenerationConfig
 from .tasks import Example, Task
-
-
-@dataclass
-class GenerationConfig:
-    """Decoding settings. The paper: beam 3 (greedy for Idefics2), at most 20 new tokens, no sampling."""
-
-    batch_size: int = 8
-    num_beams: int = 1
-    max_new_tokens: int | None = None  # None: the task's budget
-
-    def __post_init__(self):
-        for name in ("batch_size", "num_beams"):
-            integer(getattr(self, name), f"eval.{name}")
-        integer(self.max_new_tokens, "eval.max_new_tokens", allow_none=True)
 
 
 @dataclass

@@ -40,7 +40,8 @@ from .seeding import Seeds
 from .stats import spread
 from .tasks import Example, Task, get_task, unlabelled
 from .checkpoints import epoch_artifact
-from .trainer import Selection, TrainConfig, Trainer, TrainResult
+from .settings import Selection, TrainConfig
+from .trainer import Trainer, TrainResult
 
 logger = logging.getLogger(__name__)
 

@@ -19,9 +19,8 @@ import yaml
 
 from .core import DTYPES
 from .core.validate import boolean, choice, integer, known_fields
-from .evaluator import GenerationConfig
 from .seeding import DEFAULT_SEED
-from .trainer import TrainConfig
+from .settings import GenerationConfig, TrainConfig
 
 DEFAULT_CONFIG = "embedded-easyvqa"
 

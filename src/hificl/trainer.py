@@ -39,20 +39,19 @@ from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
 import torch
-from accelerate import Accelerator
-from accelerate.state import AcceleratorState
-from accelerate.utils import DistributedType, LoggerType, gather_object, send_to_device
+from accelerate.utils import DistributedType, gather_object, send_to_device
 from torch import nn
 from tqdm.auto import tqdm
 
 from .checkpoints import (EPOCH_PREFIX, STEP_PREFIX, DamagedCheckpointError, Position, check_resumable,
                           damaged_checkpoints, discard_checkpoints, list_checkpoints, read_checkpoint, read_state,
                           write_checkpoint)
-from .core.validate import boolean, choice, integer, known_fields, number
+from .distributed import accelerator_for
 from .io import atomic_write_json, remove_folder
+from .memory import peak_memory_mb, reset_peak_memory
+from .settings import Selection, TrainConfig
 
 logger = logging.getLogger(__name__)
-TRACKERS = tuple(t.value for t in LoggerType)
 
 
 class NonFiniteLossError(ValueError):
@@ -103,86 +102,6 @@ class Objective(Protocol):
 
 
 @dataclass
-class TrainConfig:
-    """Training settings (defaults: the paper's recipe).
-
-    Attributes:
-        epochs: passes over the training examples.
-        batch_size: examples per micro-batch (per process); grad_accum: micro-batches per optimiser step, over all
-            processes together (any number). The effective batch is ``batch_size * grad_accum``.
-        lr, weight_decay: AdamW's; warmup_ratio: share of the steps with a linear warm-up, then cosine decay to 0.
-        max_grad_norm: gradient clipping (0 disables it).
-        mixed_precision: "no", "bf16" or "fp16" (accelerate's autocast; trainable weights stay float32).
-        select_metric: the validation metric that picks the best epoch (null: the task's own metric); its
-            direction (higher or lower is better) comes from the metric registry.
-        log_with: accelerate trackers that also receive the training metrics ("tensorboard", "wandb", ...; their
-            files go under the run's output folder).
-        checkpoint_every: also write a checkpoint every N optimiser steps (null: after every epoch only), so a
-            killed run loses at most N steps.
-        gradient_checkpointing: recompute the frozen backbone's activations in the backward pass instead of
-            keeping them (bounded memory for long, many-image prompts; about one more forward per step).
-    """
-
-    epochs: int = 3
-    batch_size: int = 2
-    grad_accum: int = 2
-    lr: float = 5e-3
-    weight_decay: float = 1e-3
-    warmup_ratio: float = 0.1
-    max_grad_norm: float = 1.0
-    mixed_precision: str = "no"
-    select_metric: str | None = None
-    log_with: list[str] = field(default_factory=list)
-    checkpoint_every: int | None = None
-    gradient_checkpointing: bool = False
-
-    def __post_init__(self):
-        for name in ("epochs", "batch_size", "grad_accum"):
-            integer(getattr(self, name), f"train.{name}")
-        for name in ("weight_decay", "max_grad_norm"):
-            number(getattr(self, name), f"train.{name}")
-        number(self.lr, "train.lr", positive=True)
-        number(self.warmup_ratio, "train.warmup_ratio", below=1)
-        choice(self.mixed_precision, "train.mixed_precision", ("no", "bf16", "fp16"))
-        if self.select_metric is not None and not isinstance(self.select_metric, str):
-            raise ValueError(f"train.select_metric must be a metric name or null, got {self.select_metric!r}.")
-        if isinstance(self.log_with, str):
-            self.log_with = [self.log_with]
-        if not isinstance(self.log_with, list):
-            raise ValueError(f"train.log_with must be a list of tracker names, got {self.log_with!r}.")
-        for tracker in self.log_with:
-            choice(tracker, "train.log_with entries", TRACKERS)
-        integer(self.checkpoint_every, "train.checkpoint_every", allow_none=True)
-        boolean(self.gradient_checkpointing, "train.gradient_checkpointing")
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        known_fields(data, cls.__dataclass_fields__, "train setting")
-        return cls(**data)
-
-    def optimisation(self) -> dict[str, Any]:
-        """The settings that change what training computes (not how it is logged, checkpointed or selected)."""
-        skip = ("select_metric", "log_with", "checkpoint_every", "gradient_checkpointing")
-        return {k: v for k, v in asdict(self).items() if k not in skip}
-
-
-@dataclass(frozen=True)
-class Selection:
-    """How the best epoch is chosen: by `metric` of the validation results, higher or lower being better."""
-
-    metric: str
-    higher_is_better: bool = True
-
-    def best(self, history: list[dict[str, Any]]) -> int | None:
-        key = f"val_{self.metric}"
-        scored = [h for h in history if key in h]
-        if not scored:
-            return None
-        pick = max if self.higher_is_better else min
-        return pick(scored, key=lambda h: h[key])["epoch"]
-
-
-@dataclass
 class TrainResult:
     """What a training run did: per-epoch history, the selected epoch and the cost. `seconds_per_step` excludes
     the run's first step (a warm-up: kernel selection, first-call caches)."""
@@ -201,16 +120,6 @@ class TrainResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def accelerator_for(mixed_precision: str, log_with: Sequence[str] = (), project_dir: Path | None = None) -> Accelerator:
-    """An Accelerator with this precision. accelerate keeps one process-wide state; a single-process run that
-    asks for another precision than an earlier trainer (e.g. a comparison in one Python session) resets it."""
-    state = AcceleratorState._shared_state
-    if state and state.get("_mixed_precision") not in (None, mixed_precision) and AcceleratorState().num_processes == 1:
-        AcceleratorState._reset_state(reset_partial_state=True)
-    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available(),
-                       log_with=list(log_with) or None, project_dir=str(project_dir) if project_dir else None)
 
 
 def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
@@ -233,39 +142,6 @@ def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
     if not params:
         raise ValueError("The model has no trainable parameters: nothing to train.")
     return params
-
-
-def _reset_peak_memory(device: torch.device) -> bool:
-    """Start a fresh peak: CUDA's allocator statistics, or on Linux the process's resident-memory high-water
-    mark (so methods trained one after another in one process each get their own peak). False where the OS
-    does not allow it (the CPU peak then covers the whole process)."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return True
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_memory_mb(device: torch.device) -> float:
-    """CUDA: peak allocated tensor memory. CPU: peak resident memory of the process (model included) since the
-    last `_reset_peak_memory` where the OS allows a reset, else since the process started."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    with contextlib.suppress(OSError):  # no /proc (not Linux): the resource module's peak below
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024  # KiB
-    try:
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-    except ImportError:  # pragma: no cover - non-Unix
-        return 0.0
 
 
 class Trainer:
@@ -450,7 +326,7 @@ class Trainer:
         finished = position.epoch > self.config.epochs
         if hasattr(self.objective, "prepare") and not finished:  # work on every item before the first batch
             self.objective.prepare(self.examples, progress=self.progress)
-        _reset_peak_memory(device)
+        reset_peak_memory(device)
         bar = tqdm(total=self.total_steps, initial=result.steps, desc="train", unit="step",
                    disable=not (self.progress and main), dynamic_ncols=True)
         self.model.train()
@@ -527,7 +403,7 @@ class Trainer:
         if self.validate is not None:
             result.best_epoch = self.selection.best(result.history)
         result.last_epoch = epoch
-        result.peak_memory_mb = max(result.peak_memory_mb, _peak_memory_mb(device))
+        result.peak_memory_mb = max(result.peak_memory_mb, peak_memory_mb(device))
         logger.info(_epoch_line(record))
         if self.config.log_with:
             self.accelerator.log({k.replace("val_", "val/"): v for k, v in record.items()
