@@ -46,7 +46,7 @@ def worker(args) -> None:
                         mixed_precision=config.train.mixed_precision)
     examples = task.subset("train", (args.steps + 1) * args.batch_size * args.grad_accum, config.seed)
     with tempfile.TemporaryDirectory() as folder:
-        result = Trainer(parts.model, parts.objective, examples, train, folder, seed=0, progress=False).train()
+        result = Trainer(parts.model, parts.objective, examples, train, 0, folder, progress=False).train()
     queries = task.subset("test", args.queries, config.seed)
     generation = GenerationConfig(batch_size=args.eval_batch_size)
     evaluate(parts.model, parts.prompter, backbone, task, queries[: args.eval_batch_size * state.num_processes],

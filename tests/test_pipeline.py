@@ -15,7 +15,7 @@ from hificl.prompting import KShot, Prompter
 from hificl.run_config import RunConfig, load_run_config
 from hificl.seeding import Seeds
 from hificl.tasks import get_task, read_jsonl
-from hificl.trainer import TrainConfig, Trainer
+from hificl.trainer import Checkpointing, TrainConfig, Trainer
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +83,8 @@ def _trainer(workspace, out, epochs=2, seed=5, mixed_precision="no"):
     task = get_task("jsonl", train=workspace["task"]["train"], test=workspace["task"]["test"])
     parts = get_method("hificl", init_seed=1).build(backbone, task, Seeds(seed, seed))
     config = TrainConfig(epochs=epochs, batch_size=5, grad_accum=2, lr=0.05, mixed_precision=mixed_precision)
-    return Trainer(parts.model, parts.objective, task.splits["train"], config, out, seed=seed,
-                   save_artifact=parts.adapter.save_pretrained, progress=False), parts
+    return Trainer(parts.model, parts.objective, task.splits["train"], config, seed,
+                   Checkpointing(out, parts.adapter.save_pretrained), progress=False), parts
 
 
 @pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED"])

@@ -41,7 +41,7 @@ from .stats import spread
 from .tasks import Example, Task, get_task, unlabelled
 from .checkpoints import epoch_artifact
 from .settings import Selection, TrainConfig
-from .trainer import Trainer, TrainResult
+from .trainer import Checkpointing, Trainer, TrainResult, Validation
 
 logger = logging.getLogger(__name__)
 
@@ -204,10 +204,10 @@ class Run:
                               self.config.eval, progress=False, warmup=False)
             return {name: result.metrics[name] for name in reported}
 
-        trainer = Trainer(parts.model, parts.objective, examples, config, folder, seed=seeds.order,
-                          validate=validate if validation else None, selection=selection,
-                          save_artifact=parts.adapter.save_pretrained, param_groups=parts.param_groups,
-                          progress=self.config.progress, fingerprint=self.fingerprint(method, examples))
+        trainer = Trainer(parts.model, parts.objective, examples, config, seeds.order,
+                          Checkpointing(folder, parts.adapter.save_pretrained, self.fingerprint(method, examples)),
+                          Validation(validate, selection) if validation else None, parts.param_groups,
+                          progress=self.config.progress)
         try:
             if self.restart:
                 trainer.discard_checkpoints()

@@ -144,6 +144,27 @@ def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
     return params
 
 
+@dataclass(frozen=True)
+class Validation:
+    """Validation after every epoch: ``run() -> {metric: value}``, and the metric (with its direction) that picks
+    the best epoch."""
+
+    run: Callable[[], dict]
+    selection: Selection
+
+
+@dataclass(frozen=True)
+class Checkpointing:
+    """Where the checkpoints go (``epoch-<n>/``, and the latest ``step-<n>/``) and what they hold besides the
+    trainer's state: ``save_artifact(folder)`` writes the method's own files into each epoch's checkpoint (its
+    adapter, so any epoch can be evaluated later); `fingerprint` is what defines the run beyond the training
+    settings (method, task, backbone, data): a checkpoint written under another one is never resumed."""
+
+    folder: Path
+    save_artifact: Callable[[Path], None] | None = None
+    fingerprint: dict[str, Any] | None = None
+
+
 class Trainer:
     """Train the parameters of `model` that require gradients.
 
@@ -155,32 +176,26 @@ class Trainer:
             not when a resumed run has no step left).
         examples: the training items.
         config: a `TrainConfig`.
-        output_dir: where the checkpoints go (``epoch-<n>/``, and the latest ``step-<n>/``).
         seed: the order of the examples in each epoch, and the random state during training (dropout).
-        validate: optional ``validate() -> dict of metrics``, called after every epoch.
-        selection: which validation metric picks the best epoch (needed with `validate`).
-        save_artifact: optional ``save_artifact(folder)`` writing the method's own files into each epoch's
-            checkpoint (e.g. the adapter), so any epoch can be evaluated later.
+        checkpoints: where and what the checkpoints hold (`Checkpointing`, or just their folder).
+        validation: optional `Validation` after every epoch, which picks the best epoch.
         param_groups: optional ``[{"params": [parameter names], "lr": ..., "weight_decay": ...}]`` for parameters
             with their own settings; the other trainable parameters use the config's.
-        fingerprint: what defines the run beyond the training settings (method, task, backbone, data); a
-            checkpoint written under another fingerprint is never resumed.
+        progress: a progress bar (steps, loss, ETA) on the main process.
     """
 
-    def __init__(self, model: nn.Module, objective: Objective, examples: Sequence[Any], config: TrainConfig,
-                 output_dir: str | os.PathLike, seed: int, validate: Callable[[], dict] | None = None,
-                 selection: Selection | None = None, save_artifact: Callable[[Path], None] | None = None,
-                 param_groups: list[dict[str, Any]] | None = None, progress: bool = True,
-                 fingerprint: dict[str, Any] | None = None):
+    def __init__(self, model: nn.Module, objective: Objective, examples: Sequence[Any], config: TrainConfig, seed: int,
+                 checkpoints: Checkpointing | str | os.PathLike, validation: Validation | None = None,
+                 param_groups: list[dict[str, Any]] | None = None, progress: bool = True):
         if not examples:
             raise ValueError("No training examples.")
-        if validate is not None and selection is None:
-            raise ValueError("A validation callback needs a `selection` saying which metric picks the epoch.")
+        if not isinstance(checkpoints, Checkpointing):
+            checkpoints = Checkpointing(Path(checkpoints))
         self.objective, self.examples = objective, list(examples)
-        self.config, self.output_dir, self.seed = config, Path(output_dir), seed
-        self.validate, self.selection = validate, selection
-        self.save_artifact, self.progress = save_artifact, progress
-        self.fingerprint = json.loads(json.dumps(fingerprint or {}, default=str))
+        self.config, self.output_dir, self.seed = config, Path(checkpoints.folder), seed
+        self.validation, self.progress = validation, progress
+        self.save_artifact = checkpoints.save_artifact
+        self.fingerprint = json.loads(json.dumps(checkpoints.fingerprint or {}, default=str))
         self.accelerator = accelerator_for(config.mixed_precision, config.log_with, self.output_dir)
         kind = self.accelerator.distributed_type
         if kind not in (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU):
@@ -391,17 +406,17 @@ class Trainer:
                 raise Interrupted(signum, self.output_dir / f"{STEP_PREFIX}{result.steps}")
         record: dict[str, Any] = {"epoch": epoch, "train_loss": sum(position.losses) / len(position.losses),
                                   "seconds": position.seconds}
-        if self.validate is not None:
+        if self.validation is not None:
             self.model.eval()
-            record.update({f"val_{k}": v for k, v in self.validate().items()})
+            record.update({f"val_{k}": v for k, v in self.validation.run().items()})
             self.model.train()
-            if f"val_{self.selection.metric}" not in record:
-                raise ValueError(f"Validation reported no {self.selection.metric!r} (it reported "
+            if f"val_{self.validation.selection.metric}" not in record:
+                raise ValueError(f"Validation reported no {self.validation.selection.metric!r} (it reported "
                                  f"{sorted(k[4:] for k in record if k.startswith('val_'))}), so no epoch can be "
                                  "chosen by it; set train.select_metric to one of those.")
         result.history.append(record)
-        if self.validate is not None:
-            result.best_epoch = self.selection.best(result.history)
+        if self.validation is not None:
+            result.best_epoch = self.validation.selection.best(result.history)
         result.last_epoch = epoch
         result.peak_memory_mb = max(result.peak_memory_mb, peak_memory_mb(device))
         logger.info(_epoch_line(record))
