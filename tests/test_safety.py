@@ -335,3 +335,11 @@ def test_sigterm_stops_the_command_with_how_to_resume(tiny_vlm, colour_task, tmp
     error = capsys.readouterr().err
     assert "stopped by SIGTERM" in error and "Run the same command again to resume" in error
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_a_message_never_repeats_the_program_name(tiny_vlm, colour_task, tmp_path, capsys):
+    assert cli_main(_train_args(tiny_vlm, colour_task, tmp_path / "run", "--set",
+                                "methods=[{name: hificl, teacher_weight: -1}]")) == 2
+    error = capsys.readouterr().err
+    assert "method hificl: teacher_weight" in error
+    assert not re.search(r"hificl: (config )?(error: )?hificl:", error), error

@@ -27,8 +27,8 @@ class HiFICL(Method):
     def __init__(self, teacher_weight: float = 0.0, teacher_shots: int = 8, **options: Any):
         super().__init__()
         self.config = HiFICLConfig(**options)
-        self.teacher_weight = float(number(teacher_weight, "hificl: teacher_weight"))
-        self.teacher_shots = integer(teacher_shots, "hificl: teacher_shots")
+        self.teacher_weight = float(number(teacher_weight, "method hificl: teacher_weight"))
+        self.teacher_shots = integer(teacher_shots, "method hificl: teacher_shots")
 
     @classmethod
     def option_names(cls) -> list[str]:
