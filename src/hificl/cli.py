@@ -167,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
               "(or add --restart to train from scratch).", file=sys.stderr)
         return 128 + signum
     finally:
-        signal.signal(signal.SIGTERM, previous_sigterm)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous_sigterm)
     if not main_process:
         return 0
     print()

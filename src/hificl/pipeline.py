@@ -30,6 +30,7 @@ import transformers
 from .adapters import saved_method
 from .backbones import Backbone, load_backbone
 from .backbones.identity import backbone_identity
+from .checkpoints import epoch_artifact
 from .distributed import process_state, refuse_sharding_engines
 from .evaluator import EvalResult, evaluate
 from .io import atomic_write_json, folder_lock
@@ -39,7 +40,6 @@ from .run_config import RunConfig
 from .seeding import Seeds
 from .stats import spread
 from .tasks import Example, Task, get_task, unlabelled
-from .checkpoints import epoch_artifact
 from .settings import Selection, TrainConfig
 from .trainer import Checkpointing, Trainer, TrainResult, Validation
 
