@@ -456,13 +456,13 @@ class Trainer:
         slots = self._my_slots(step)
         batches = [send_to_device(self.objective.batch([self.examples[i] for i in chunk]), device)
                    for chunk, _ in slots]
-        counts = [[c if counts else 0 for c in self._counts(batch, chunk)]
-                  for batch, (chunk, counts) in zip(batches, slots)]
+        counts = [[c if real else 0 for c in self._counts(batch, chunk)]
+                  for batch, (chunk, real) in zip(batches, slots)]
         totals = [sum(column) for column in zip(*counts)]
         if self.processes > 1:  # the step's elements over every process
             totals = self.accelerator.reduce(torch.tensor(totals, dtype=torch.float64, device=device), "sum").tolist()
         local = 0.0
-        for index, (batch, mine) in enumerate(zip(batches, counts)):
+        for index, (batch, (chunk, real), mine) in enumerate(zip(batches, slots, counts)):
             last = index == len(slots) - 1
             with (contextlib.nullcontext() if last else self.accelerator.no_sync(self.model)):
                 with self.accelerator.autocast():
@@ -477,7 +477,7 @@ class Trainer:
                 # DDP averages gradients over processes: scaling by their number makes the exchange a sum
                 self.accelerator.backward(loss * self.processes)
             local += loss.item()
-            self._examples_seen += len(slots[index][0]) if slots[index][1] else 0
+            self._examples_seen += len(chunk) if real else 0
         if self.processes > 1:
             local = float(self.accelerator.reduce(torch.tensor(local, dtype=torch.float64, device=device), "sum"))
         step_loss = local
