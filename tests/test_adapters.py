@@ -43,7 +43,7 @@ CONFIG = {  # the saved adapter_config.json fields (HiFICL, LoRA: PEFT's format)
 @pytest.fixture(scope="module")
 def setting(tiny_vlm, colour_task):
     backbone = load_backbone(tiny_vlm)
-    task = get_task("jsonl", train=colour_task["train"], test=colour_task["test"])
+    task = get_task("jsonl", seed=3407, train=colour_task["train"], test=colour_task["test"])
     batch = backbone.encode([task.query_prompt(e) for e in task.splits["test"][:3]], padding_side="right")
     return backbone, task, batch
 
@@ -223,7 +223,7 @@ def test_left_padded_generation_equals_each_row_alone(setting, name, tmp_path):
 
     backbone, _, _ = setting
     files = write_colour_task(tmp_path / "task")
-    task = get_task("jsonl", train=files["train"], test=files["test"])
+    task = get_task("jsonl", seed=3407, train=files["train"], test=files["test"])
     examples = task.splits["test"][:3]
     prompts = [task.query_prompt(e) for e in examples]
     prompts[1] = prompts[1][:-1] + ["Which colour fills this square, please?\nAnswer:"]  # a longer prompt

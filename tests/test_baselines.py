@@ -26,7 +26,7 @@ def _setup(workspace, name, **options):
     """The method's parts built on a fresh backbone; `backbone.original` is an untouched copy taken before."""
     backbone = load_backbone(workspace["vlm"])
     backbone.original = copy.deepcopy(backbone.model)
-    task = get_task("jsonl", train=workspace["task"]["train"], test=workspace["task"]["test"])
+    task = get_task("jsonl", seed=3407, train=workspace["task"]["train"], test=workspace["task"]["test"])
     parts = get_method(name, **options).build(backbone, task, Seeds(0, 0))
     return parts, backbone, task
 
@@ -244,7 +244,7 @@ def test_the_alignment_mask_never_includes_a_sequence_initial_position(saved_mod
         backbone.tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
             single="<bos> $A", special_tokens=[("<bos>", backbone.tokenizer.convert_tokens_to_ids("<bos>"))])
     files = colour_task if backbone.processor is not None else text_colour_task
-    task = get_task("jsonl", train=files["train"], test=files["test"], instruction=instruction)
+    task = get_task("jsonl", seed=3407, train=files["train"], test=files["test"], instruction=instruction)
     parts = get_method("mimic", shots=2).build(backbone, task, Seeds(0, 0))
     batch = parts.objective.batch(task.splits["train"][:3])
     aligned, mask = batch.aligned(), batch.student["attention_mask"].bool()

@@ -25,7 +25,7 @@ def data(tmp_path_factory):
 
 
 def test_vqav2_reader_and_splits(data):
-    task = get_task("vqav2", root=data["vqav2"], validation_images=2)
+    task = get_task("vqav2", seed=3407, root=data["vqav2"], validation_images=2)
     train, validation, test = task.splits["train"], task.splits["validation"], task.splits["test"]
     assert len(train) + len(validation) == 16 and len(validation) == 4 and len(test) == 6
     assert not {e.image.path for e in train} & {e.image.path for e in validation}, "held out by image"
@@ -44,23 +44,23 @@ def test_vqav2_reader_and_splits(data):
 
 
 def test_vqav2_test_subset_is_the_published_definition(data):
-    task = get_task("vqav2", root=data["vqav2"], test_size=4, subset_seed=11, validation_images=0)
+    task = get_task("vqav2", seed=3407, root=data["vqav2"], test_size=4, subset_seed=11, validation_images=0)
     everything = sorted(range(1000, 1006))
     expected = sorted(random.Random(11).sample(everything, 4))
     assert [int(e.id) for e in task.splits["test"]] == expected
-    again = get_task("vqav2", root=data["vqav2"], test_size=4, subset_seed=11, validation_images=0)
+    again = get_task("vqav2", seed=3407, root=data["vqav2"], test_size=4, subset_seed=11, validation_images=0)
     assert [e.id for e in again.splits["test"]] == [e.id for e in task.splits["test"]]
 
 
 def test_okvqa_uses_its_file_names_and_the_whole_val_set(data):
-    task = get_task("ok-vqa", root=data["okvqa"], validation_images=1)
+    task = get_task("ok-vqa", seed=3407, root=data["okvqa"], validation_images=1)
     assert task.name == "ok-vqa" and len(task.splits["test"]) == 6 and len(task.splits["validation"]) == 2
     with pytest.raises(FileNotFoundError, match="v2_OpenEnded_mscoco_train2014_questions.json"):
-        get_task("vqav2", root=data["okvqa"])
+        get_task("vqav2", seed=3407, root=data["okvqa"])
 
 
 def test_vqa_accuracy_agrees_with_hand_computed_values(data):
-    task = get_task("vqav2", root=data["vqav2"], validation_images=0)
+    task = get_task("vqav2", seed=3407, root=data["vqav2"], validation_images=0)
     red = next(e for e in task.splits["test"] if e.id == "1000")  # 6 x red, 2 x dark red, 2 x maroon
     # each of the 10 leave-one-out subsets of 9 answers scores min(1, matches / 3):
     # "maroon": 2 subsets keep 1 match (1/3), 8 keep 2 (2/3) -> (2/3 + 16/3) / 10 = 0.6
@@ -71,7 +71,7 @@ def test_vqa_accuracy_agrees_with_hand_computed_values(data):
 
 
 def test_coco_karpathy_reader_splits_and_targets(data):
-    task = get_task("coco-captions", root=data["coco"], validation_images=2)
+    task = get_task("coco-captions", seed=3407, root=data["coco"], validation_images=2)
     assert task.name == "coco-captions" and task.metric == "cider_d" and task.scorer.corpus_level
     assert sorted(e.id for e in task.splits["test"]) == ["9001", "9002"], "Karpathy val is the test set"
     assert len(task.splits["train"]) == 6 and len(task.splits["validation"]) == 2, "train + restval, 2 held out"
@@ -79,12 +79,12 @@ def test_coco_karpathy_reader_splits_and_targets(data):
     assert len(example.answers) == 5 and example.target == "A red bus parked outside." and example.question == ""
     assert example.image.path.endswith("val2014/COCO_val2014_000000009001.jpg")
     assert task.query_prompt(example) == [example.image, "Caption:"]
-    other = get_task("coco-captions", root=data["coco"], test_split="test", validation_images=0)
+    other = get_task("coco-captions", seed=3407, root=data["coco"], test_split="test", validation_images=0)
     assert sorted(e.id for e in other.splits["test"]) == ["9101", "9102"]
 
 
 def test_cider_and_chair_agree_with_hand_computed_values(data):
-    task = get_task("coco-captions", root=data["coco"], instances="annotations/instances_val2014.json",
+    task = get_task("coco-captions", seed=3407, root=data["coco"], instances="annotations/instances_val2014.json",
                     validation_images=0)
     bus, cats = sorted(task.splits["test"], key=lambda e: e.id)
     # The two images' references share no word, so every n-gram has idf log(2) and CIDEr-D reduces to count
@@ -98,20 +98,20 @@ def test_cider_and_chair_agree_with_hand_computed_values(data):
     # 1 hallucinated (dog); "two cats": correct. CHAIR_i = 1/3, CHAIR_s = 1/2, recall = 2/2.
     details = task.score_corpus(["a dog near a bus", "two cats"], [bus, cats]).details
     assert details == pytest.approx({"chair_i": 1 / 3, "chair_s": 0.5, "chair_recall": 1.0})
-    plain = get_task("coco-captions", root=data["coco"], validation_images=0)
+    plain = get_task("coco-captions", seed=3407, root=data["coco"], validation_images=0)
     assert plain.score_corpus(["a bus", "a cat"], [bus, cats]).details == {}, "no instances: no CHAIR"
 
 
 def test_clear_errors_for_bad_data(data, tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="dataset folder not found"):
-        get_task("vqav2", root=str(tmp_path / "nowhere"))
+        get_task("vqav2", seed=3407, root=str(tmp_path / "nowhere"))
     root = tmp_path / "vqa"
     shutil.copytree(data["vqav2"], root)
     annotations = json.loads((root / "v2_mscoco_val2014_annotations.json").read_text())
     annotations["annotations"] = annotations["annotations"][1:]
     (root / "v2_mscoco_val2014_annotations.json").write_text(json.dumps(annotations))
     with pytest.raises(ValueError, match=r"questions\[0\]: question_id 1000 has no annotation"):
-        get_task("vqav2", root=str(root))
+        get_task("vqav2", seed=3407, root=str(root))
     (root / "v2_mscoco_val2014_annotations.json").write_text(json.dumps({"annotations": [{"question_id": "x"}]}))
     with pytest.raises(ValueError, match=r"annotations\[0\]: needs 'question_id' \(int\)"):
         read_vqa(root / "v2_OpenEnded_mscoco_val2014_questions.json", root / "v2_mscoco_val2014_annotations.json", root)
@@ -124,11 +124,11 @@ def test_clear_errors_for_bad_data(data, tmp_path, monkeypatch):
     instances["images"] = [image for image in instances["images"] if image["id"] != 9102]
     (coco / "annotations" / "instances_train2014.json").write_text(json.dumps(instances))
     with pytest.raises(ValueError, match=r"does not cover 1 test image\(s\) \(e.g. \['9102'\]\)"):
-        get_task("coco-captions", root=str(coco), test_split="test", instances="annotations/instances_train2014.json",
+        get_task("coco-captions", seed=3407, root=str(coco), test_split="test", instances="annotations/instances_train2014.json",
                  validation_images=0)
     monkeypatch.setattr("hificl.metrics.cider.shutil.which", lambda name: None)
     with pytest.raises(MetricUnavailableError, match="needs Java, but `java` is not on PATH"):
-        get_task("coco-captions", root=data["coco"], validation_images=0)
+        get_task("coco-captions", seed=3407, root=data["coco"], validation_images=0)
 
 
 @pytest.mark.parametrize("dataset, family, chat", [("vqav2", "qwen2_vl", True), ("ok-vqa", "idefics2", False),
@@ -172,7 +172,7 @@ def test_packaged_benchmark_configs_are_valid(data):
         dataset = {"vqav2": "vqav2", "ok-vqa": "okvqa", "coco-captions": "coco"}[config.task["name"]]
         local = {"root": data[dataset], "validation_images": 1}
         local.update({"image_root": data[dataset]} if "image_root" in config.task else {})
-        task = get_task(**{**config.task, **local})  # every option of the config is one the task takes
+        task = get_task(**{**config.task, **local}, seed=config.seed)  # every option of the config is one the task takes
         assert task.max_new_tokens == 20 and task.stop_strings[0] == "\n"
         assert config.task["name"] in ("vqav2", "ok-vqa", "coco-captions") and config.train_samples == 1000
         assert config.seed == 3407 and config.train.epochs == 3 and config.train.batch_size == 2

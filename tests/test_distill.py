@@ -69,7 +69,7 @@ def test_no_training_label_is_read(tiny_vlm, colour_task, tmp_path):
 @pytest.fixture(scope="module")
 def setting(tiny_vlm, colour_task):
     backbone = load_backbone(tiny_vlm)
-    task = get_task("jsonl", train=colour_task["train"], test=colour_task["test"], instruction="Name the colour.\n")
+    task = get_task("jsonl", seed=3407, train=colour_task["train"], test=colour_task["test"], instruction="Name the colour.\n")
     return backbone, task
 
 

@@ -32,10 +32,10 @@ END_OF_TURN = {"llava_qwen2": "<|im_end|>", "qwen2_vl": "<|im_end|>", "qwen2_5_v
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, saved_model):
     root = tmp_path_factory.mktemp("families")
-    vqa = get_task("vqav2", root=str(write_vqa(root / "vqa")), validation_images=2)
+    vqa = get_task("vqav2", seed=3407, root=str(write_vqa(root / "vqa")), validation_images=2)
     text = write_colour_task(root / "text", images=False)
     return {"root": root, "vqa": vqa, "vqa_root": str(root / "vqa"), "saved_model": saved_model,
-            "text": get_task("jsonl", train=text["train"], test=text["test"], instruction="Answer in one word.\n")}
+            "text": get_task("jsonl", seed=3407, train=text["train"], test=text["test"], instruction="Answer in one word.\n")}
 
 
 def _model(workspace, family: str, chat: bool) -> str:
@@ -167,7 +167,7 @@ def test_idefics2_config_renders_the_papers_base_prompt(workspace):
     same format, and the chat-model configs the model's own template."""
     config = load_run_config("idefics2-vqav2")
     options = {k: v for k, v in config.task.items() if k not in ("name", "root", "image_root", "validation_images")}
-    task = get_task("vqav2", root=workspace["vqa_root"], validation_images=1, **options)
+    task = get_task("vqav2", seed=3407, root=workspace["vqa_root"], validation_images=1, **options)
     backbone = load_backbone(_model(workspace, "idefics2", chat=True), chat_template=config.chat_template)
     assert backbone.chat_template is None, "chat_template: false keeps the base prompt even with a template"
     icl = get_method("icl", shots=1).prompter(backbone, task, Seeds(0, 0))

@@ -263,11 +263,11 @@ def test_option_messages_name_only_the_bad_option_and_list_the_good_ones(colour_
         get_method("lora", rank=4)
     assert str(error.value) == "Method 'lora' has no option(s) ['rank']; its options: alpha, dropout, r."
     with pytest.raises(ValueError, match=r"has no option\(s\) \['trian'\]; its options: .*validation_size"):
-        get_task("jsonl", train=colour_task["train"], test=colour_task["test"], trian="x", validation_size=2)
+        get_task("jsonl", seed=3407, train=colour_task["train"], test=colour_task["test"], trian="x", validation_size=2)
     with pytest.raises(ValueError, match=r"needs option\(s\) \['test'\]"):
-        get_task("jsonl", train=colour_task["train"])
+        get_task("jsonl", seed=3407, train=colour_task["train"])
     with pytest.raises(ValueError, match="validation_size 500 would hold out all 24 examples .* lower it"):
-        get_task("jsonl", train=colour_task["train"], test=colour_task["test"], validation_size=500)
+        get_task("jsonl", seed=3407, train=colour_task["train"], test=colour_task["test"], validation_size=500)
 
 
 def test_bad_lines_are_found_when_the_task_is_read(tmp_path):

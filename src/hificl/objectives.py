@@ -141,7 +141,7 @@ class Teacher:
     def with_shots(cls, backbone: Backbone, task: Task, shots: int, seeds: Seeds, resample: bool = False,
                    adapter: nn.Module | None = None) -> "Teacher":
         """A teacher with `shots` random demonstrations from train (drawn with the replicate's demos seed)."""
-        return cls(backbone, task, KShot(task, backbone, shots, data_seed=seeds.data, demos_seed=seeds.demos),
+        return cls(backbone, task, KShot(task, backbone, shots, data_seed=seeds.data, demos_seed=seeds.replicate),
                    resample, adapter)
 
     def prompts(self, items) -> list:

@@ -204,7 +204,7 @@ class Run:
                               self.config.eval, progress=False, warmup=False)
             return {name: result.metrics[name] for name in reported}
 
-        trainer = Trainer(parts.model, parts.objective, examples, config, seeds.order,
+        trainer = Trainer(parts.model, parts.objective, examples, config, seeds.replicate,
                           Checkpointing(folder, parts.adapter.save_pretrained, self.fingerprint(method, examples)),
                           Validation(validate, selection) if validation else None, parts.param_groups,
                           progress=self.config.progress)

@@ -1,23 +1,24 @@
-"""One run seed, fanned out to named purposes.
+"""One run seed, and the seed of each replicate.
 
-A run config has one ``seed``. What it decides, by purpose:
+A run config has one ``seed`` (default `DEFAULT_SEED`, the paper's; `hificl.run_config.RunConfig` is the only
+place that defaults it: every library function that draws takes its seed explicitly). What the numbers decide:
 
-=========  ====================================================================  =========================
-purpose    what it decides                                                        seeded by
-=========  ====================================================================  =========================
-data       which train / validation / test examples a run uses, and the          the run's ``seed``
-           validation examples a task holds out of train
-init       the initial weights of a trained method (HiFICL's virtual pairs,      the replicate's seed
-           LIVE / MimIC shifts, LoRA)
-order      the order of the training examples in each epoch, and dropout         the replicate's seed
-demos      in-context demonstrations drawn at random (ICL rows, teachers)        the replicate's seed
-=========  ====================================================================  =========================
+* ``data`` (the run's ``seed``): which train / validation / test examples a run uses, and the validation
+  examples a task holds out of train.
+* ``replicate`` (one entry of the run's ``seeds``; by default ``seed`` itself): everything random about one
+  repetition of a method -- the initial weights of a trained method (HiFICL's virtual pairs, LIVE / MimIC shifts,
+  LoRA), the order of the training examples in each epoch and dropout, and in-context demonstrations drawn at
+  random (ICL rows, teachers).
+
+One number per replicate, not a derived stream per purpose: each consumer seeds a generator of its OWN with it
+(the adapter's initialiser, the trainer's data order, the prompter's draws), so purposes never consume each
+other's random numbers and a change to one (say, more demonstrations) leaves the others' draws as they were;
+deriving distinct numbers would buy nothing more and would change every published result. Nothing here touches
+the process-global generators (the trainer forks them: see `hificl.trainer`).
 
 A *replicate* is one repetition of a method that has randomness of its own (training, random demonstrations);
-a run has one replicate per entry of its ``seeds`` (by default just ``seed``), while its data stay those of
-``seed``, so every replicate is measured on the same test questions. Each purpose draws from a generator of its
-own seeded with its number, so purposes never consume each other's random numbers, and nothing here touches the
-process-global generators (the trainer forks them: see `hificl.trainer`).
+a run has one replicate per entry of its ``seeds`` while its data stay those of ``seed``, so every replicate is
+measured on the same test questions.
 """
 
 from __future__ import annotations
@@ -29,19 +30,8 @@ DEFAULT_SEED = 3407  # the paper's
 
 @dataclass(frozen=True)
 class Seeds:
-    """The seeds of one replicate of a run (see the module docstring)."""
+    """The seeds of one replicate of a run (see the module docstring): `data` picks the examples, `replicate`
+    seeds the method's own randomness."""
 
-    data: int = DEFAULT_SEED
-    replicate: int = DEFAULT_SEED
-
-    @property
-    def init(self) -> int:
-        return self.replicate
-
-    @property
-    def order(self) -> int:
-        return self.replicate
-
-    @property
-    def demos(self) -> int:
-        return self.replicate
+    data: int
+    replicate: int

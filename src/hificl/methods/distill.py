@@ -222,7 +222,7 @@ class Distill(Method):
         teachers = []
         for draw in range(self.draws):
             prompter = KShot(task, backbone, self.shots, self.selection, self.labelled, data_seed=seeds.data,
-                             demos_seed=seeds.demos)
+                             demos_seed=seeds.replicate)
             prompter.draw = draw
             teachers.append(Teacher(backbone, task, prompter, adapter=adapter))
         return teachers
@@ -230,13 +230,13 @@ class Distill(Method):
     def build(self, backbone, task, seeds) -> Parts:
         prompter = self.prompter(backbone, task, seeds)
         if self.student == "live":
-            adapter = LiveModel(backbone.model, LiveConfig(init_seed=seeds.init))
+            adapter = LiveModel(backbone.model, LiveConfig(init_seed=seeds.replicate))
         elif self.student == "mimic":
-            adapter = MimicModel(backbone.model, MimicConfig(init_seed=seeds.init))
+            adapter = MimicModel(backbone.model, MimicConfig(init_seed=seeds.replicate))
         else:
             config = self.config
             if config.init_seed is None:
-                config = dataclasses.replace(config, init_seed=seeds.init)
+                config = dataclasses.replace(config, init_seed=seeds.replicate)
             adapter = HiFICLModel(backbone.model, config)
         teachers = self.teachers(backbone, task, seeds, adapter)
         if self.init == "demonstrations":

@@ -61,7 +61,7 @@ class HiFICL(Method):
     def build(self, backbone, task, seeds) -> Parts:
         config = self.config
         if config.init_seed is None:
-            config = dataclasses.replace(config, init_seed=seeds.init)
+            config = dataclasses.replace(config, init_seed=seeds.replicate)
         adapter = HiFICLModel(backbone.model, config)
         prompter = self.prompter(backbone, task, seeds)
         if not self.teacher_weight:

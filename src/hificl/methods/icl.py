@@ -52,4 +52,4 @@ class InContext(Method):
 
     def prompter(self, backbone, task, seeds) -> KShot:
         return KShot(task, backbone, self.shots, self.selection, self.pool_size, self.features,
-                     data_seed=seeds.data, demos_seed=seeds.demos)
+                     data_seed=seeds.data, demos_seed=seeds.replicate)

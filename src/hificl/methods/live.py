@@ -118,7 +118,7 @@ class Live(Method):
         return cls()
 
     def build(self, backbone, task, seeds) -> Parts:
-        adapter = LiveModel(backbone.model, LiveConfig(init_seed=seeds.init))
+        adapter = LiveModel(backbone.model, LiveConfig(init_seed=seeds.replicate))
         prompter = self.prompter(backbone, task, seeds)
         teacher = Teacher.with_shots(backbone, task, self.shots, seeds, resample=self.resample_demos,
                                      adapter=adapter)

@@ -34,6 +34,6 @@ class Lora(Method):
         return cls(r=config.get("r", 16), alpha=config.get("lora_alpha", 32), dropout=config.get("lora_dropout", 0.05))
 
     def build(self, backbone, task, seeds) -> Parts:
-        adapter = LoraModel(backbone.model, self.r, self.alpha, self.dropout, init_seed=seeds.init)
+        adapter = LoraModel(backbone.model, self.r, self.alpha, self.dropout, init_seed=seeds.replicate)
         prompter = self.prompter(backbone, task, seeds)
         return Parts(prompter, adapter, adapter, AnswerLoss(backbone, task, prompter), method=self)

@@ -171,7 +171,7 @@ class MimIC(Method):
         return cls()
 
     def build(self, backbone, task, seeds) -> Parts:
-        adapter = MimicModel(backbone.model, MimicConfig(init_seed=seeds.init))
+        adapter = MimicModel(backbone.model, MimicConfig(init_seed=seeds.replicate))
         prompter = self.prompter(backbone, task, seeds)
         teacher = Teacher.with_shots(backbone, task, self.shots, seeds, resample=self.resample_demos,
                                      adapter=adapter)

@@ -41,7 +41,7 @@ class _PeftPrefix(Method):
         return cls(**{k: config[k] for k in cls().options if k in config})
 
     def build(self, backbone, task, seeds) -> Parts:
-        adapter = self.adapter_class(backbone.model, self.peft_config(), init_seed=seeds.init)
+        adapter = self.adapter_class(backbone.model, self.peft_config(), init_seed=seeds.replicate)
         prompter = self.prompter(backbone, task, seeds)
         return Parts(prompter, adapter, adapter, AnswerLoss(backbone, task, prompter), method=self)
 

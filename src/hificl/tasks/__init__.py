@@ -10,7 +10,6 @@ from typing import Callable
 
 from ..core.validate import unknown_options
 from ..registry import Registry
-from ..seeding import DEFAULT_SEED
 from .base import (DEFAULT_TEMPLATE, Answer, CorpusScore, Example, ImageRef, Instruction, Query, Segment, Task,
                    majority_answer, unlabelled)
 from .capitals import capitals_task
@@ -32,8 +31,9 @@ def register_task(name: str, factory: Callable[..., Task], replace: bool = False
     TASKS.register(name, factory, replace=replace)
 
 
-def get_task(name: str, seed: int = DEFAULT_SEED, **options) -> Task:
-    """The task `name` built with `options` and the run's data `seed`."""
+def get_task(name: str, *, seed: int, **options) -> Task:
+    """The task `name` built with `options` and the run's data `seed` (which examples a task holds out of train
+    for validation; `hificl.seeding`)."""
     factory = TASKS.get(name)
     if "seed" in options:
         raise ValueError(f"Task {name!r}: 'seed' is not a task option: the run's `seed` is the task's data seed.")

@@ -15,7 +15,6 @@ from typing import Sequence, Union
 from PIL import Image
 
 from ..metrics import DEFAULT_STOP_STRINGS, Metric, get_metric, postprocess_generation
-from ..seeding import DEFAULT_SEED
 
 DEFAULT_TEMPLATE = "{image}Question: {question}\nAnswer:"
 
@@ -213,8 +212,9 @@ class Task:
         score, per_example = self.scorer.score(predictions, [e.answers for e in examples], [e.id for e in examples])
         return CorpusScore(score, per_example)
 
-    def subset(self, split: str, limit: int | None = None, seed: int = DEFAULT_SEED) -> list[Example]:
-        """The first `limit` examples of a seeded shuffle of `split` (all of them, shuffled, if no limit)."""
+    def subset(self, split: str, limit: int | None, seed: int) -> list[Example]:
+        """The first `limit` examples of a shuffle of `split` seeded by `seed` (all of them, shuffled, if `limit`
+        is None)."""
         if split not in self.splits:
             raise ValueError(f"Task {self.name!r} has no split {split!r}; it has {sorted(self.splits)}.")
         examples = list(self.splits[split])

@@ -7,14 +7,13 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from ..seeding import DEFAULT_SEED
 from .base import Task
 from .jsonl import read_jsonl
 
 DATA = Path(__file__).with_name("data") / "capitals.jsonl"
 
 
-def capitals_task(test_size: int = 60, validation_size: int = 20, seed: int = DEFAULT_SEED, **task_options) -> Task:
+def capitals_task(test_size: int = 60, validation_size: int = 20, *, seed: int, **task_options) -> Task:
     examples = read_jsonl(DATA)
     if test_size + validation_size >= len(examples):
         raise ValueError(f"capitals: test_size + validation_size must leave training examples (of {len(examples)}).")

@@ -20,7 +20,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from ..seeding import DEFAULT_SEED
 from ..metrics import canonical_category, chair, extract_objects
 from .base import CorpusScore, Example, ImageRef, Task
 from .vqav2 import hold_out_images, read_json, require_field
@@ -103,7 +102,7 @@ def read_instance_objects(path: str | Path, image_ids: set[str]) -> dict[str, se
 
 def coco_captions_task(root: str, karpathy_file: str = "dataset_coco.json", image_root: str | None = None,
                        test_split: str = "val", instances: str | None = None, validation_images: int = 500,
-                       seed: int = DEFAULT_SEED, **task_options) -> CaptionTask:
+                       *, seed: int, **task_options) -> CaptionTask:
     """COCO captions, Karpathy split (see the module docstring). `instances`: a COCO instances file (relative to
     `root` unless absolute) enabling CHAIR on the test set; its ground-truth objects are the image's annotated
     categories plus the objects its reference captions mention (as in Rohrbach et al. 2018)."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import random
 
-from ..seeding import DEFAULT_SEED
 from .base import Example, ImageRef, Task
 
 
@@ -26,7 +25,7 @@ def load_examples(split: str) -> list[Example]:
     ]
 
 
-def easyvqa_task(validation_images: int = 200, seed: int = DEFAULT_SEED, **task_options) -> Task:
+def easyvqa_task(validation_images: int = 200, *, seed: int, **task_options) -> Task:
     train, test = load_examples("train"), load_examples("test")
     images = sorted({example.image.path for example in train})
     held_out = set(random.Random(seed).sample(images, validation_images)) if validation_images else set()

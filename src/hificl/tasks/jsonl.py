@@ -17,7 +17,6 @@ from pathlib import Path
 from PIL import Image
 
 from ..core.validate import integer
-from ..seeding import DEFAULT_SEED
 from .base import Example, ImageRef, Task, split_off_validation
 
 KNOWN_FIELDS = {"id", "image", "question", "prompt", "answer", "answers", "target"}
@@ -98,7 +97,7 @@ def check_image(path: Path, where: str) -> None:
 
 
 def jsonl_task(train: str, test: str, validation: str | None = None, validation_size: int = 0,
-               seed: int = DEFAULT_SEED, name: str | None = None, **task_options) -> Task:
+               *, seed: int, name: str | None = None, **task_options) -> Task:
     """A task from JSONL files. Without a validation file, `validation_size` examples of train are held out."""
     integer(validation_size, "task.validation_size", minimum=0)
     train_examples = read_jsonl(train)

@@ -34,7 +34,6 @@ import random
 from pathlib import Path
 
 from ..metrics import DEFAULT_STOP_STRINGS
-from ..seeding import DEFAULT_SEED
 from .base import DEFAULT_TEMPLATE, Example, ImageRef, Task
 
 VQA_INSTRUCTION = "Instruction: Provide an answer to the question. Use the image to answer.\n"
@@ -147,7 +146,7 @@ def _vqa_task(name: str, files: dict[str, str], root: str, image_root: str | Non
 
 
 def vqav2_task(root: str, image_root: str | None = None, test_size: int | None = 10000,
-               subset_seed: int = PUBLISHED_SUBSET_SEED, validation_images: int = 200, seed: int = DEFAULT_SEED,
+               subset_seed: int = PUBLISHED_SUBSET_SEED, validation_images: int = 200, *, seed: int,
                **options) -> Task:
     """VQAv2 (see the module docstring). Options named like `VQAV2_FILES` override file names (relative to
     `root`); the rest are `Task` fields (template, instruction, stop_strings, ...)."""
@@ -157,7 +156,7 @@ def vqav2_task(root: str, image_root: str | None = None, test_size: int | None =
 
 
 def okvqa_task(root: str, image_root: str | None = None, test_size: int | None = None,
-               subset_seed: int = PUBLISHED_SUBSET_SEED, validation_images: int = 500, seed: int = DEFAULT_SEED,
+               subset_seed: int = PUBLISHED_SUBSET_SEED, validation_images: int = 500, *, seed: int,
                **options) -> Task:
     """OK-VQA (same format as VQAv2; by default the whole val set is the test set)."""
     files = {**OKVQA_FILES, **{k: options.pop(k) for k in list(options) if k in OKVQA_FILES}}
