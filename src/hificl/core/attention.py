@@ -1,6 +1,6 @@
 """The attention function that merges virtual key-value pairs into any transformers decoder.
 
-It is registered in transformers' `AttentionInterface` under `ATTENTION_NAME` and is called by every attention
+It is registered in transformers' `AttentionInterface` under `ATTENTION_NAME` (`hificl.core.register`) and is called by every attention
 module of the routed language model with keys/values after RoPE and after the KV-cache update (so the virtual
 pairs never enter the cache). Each attention module carries a *provider* (attribute `PROVIDER_ATTR`: the adapter's
 `hificl.tuner.HiFICLLayer`, a child module), a callable ``provider(batch_size, dtype, device) -> routing`` that says
@@ -20,10 +20,9 @@ from dataclasses import dataclass
 from typing import Callable, Sequence, Union
 
 import torch
-from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
 from .config import Formula
-from .prefix import attend_with_prefix
+from .prefix import attend_with_prefix, plain_sdpa, repeat_kv
 
 ATTENTION_NAME = "hificl"
 PROVIDER_ATTR = "hificl"
@@ -72,7 +71,7 @@ def _fixed_alpha(module, query, key, value, mask, pairs, dropout, scaling, is_ca
                              torch.cat([v_values, v_values.new_zeros(v_values.shape[:-1] + (1,))], -1),
                              dropout, scaling, is_causal, pairs.path)
     alpha = out[..., -1:]
-    sa = sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, is_causal=is_causal)[0]
+    sa = plain_sdpa(module, query, key, value, mask, dropout=dropout, scaling=scaling, is_causal=is_causal)[0]
     return out[..., :-1] + (1 - alpha) * sa
 
 
@@ -80,7 +79,7 @@ def _unmasked(module, query, key, value, mask, pairs, dropout, scaling, is_causa
     """The authors' formula: ``alpha * SA + (1 - alpha) * softmax(q K_v) V_v`` with ``alpha = Z2 / (Z1 + Z2)``
     and Z2 summed over ALL real keys (no causal, no padding mask) while SA keeps the masks. Builds the full
     score matrix, as their code does; for measuring the difference only."""
-    sa = sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, is_causal=is_causal)[0]
+    sa = plain_sdpa(module, query, key, value, mask, dropout=dropout, scaling=scaling, is_causal=is_causal)[0]
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     groups = query.shape[1] // key.shape[1]
     lse_real = torch.logsumexp(torch.matmul(query, repeat_kv(key, groups).transpose(-1, -2)) * scale, dim=-1)
@@ -129,7 +128,7 @@ def hificl_attention_forward(
         raise ValueError("hificl attention does not support attention logit soft-capping (e.g. Gemma 2).")
 
     def plain(q, k, v, mask):
-        return sdpa_attention_forward(module, q, k, v, mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)[0]
+        return plain_sdpa(module, q, k, v, mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)[0]
 
     def with_pairs(q, k, v, mask, pairs):
         return _FORMULAS[pairs.formula](module, q, k, v, mask, pairs, dropout, scaling, is_causal)

@@ -33,9 +33,25 @@ import weakref
 
 import torch
 import torch.nn.functional as F
-from transformers.integrations.sdpa_attention import repeat_kv
 
 logger = logging.getLogger(__name__)
+
+
+def repeat_kv(hidden: torch.Tensor, groups: int) -> torch.Tensor:
+    """Keys or values ``[b, kv_heads, k, d]`` expanded to the query heads, ``[b, kv_heads * groups, k, d]`` (each
+    KV head repeated for the `groups` query heads that share it, in order)."""
+    if groups == 1:
+        return hidden
+    batch, heads, length, dim = hidden.shape
+    return hidden[:, :, None].expand(batch, heads, groups, length, dim).reshape(batch, heads * groups, length, dim)
+
+
+def plain_sdpa(module, query, key, value, attention_mask, **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers' own SDPA attention function (imported on first use: importing `hificl.core` loads no
+    transformers, so the command line starts fast)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
 def with_visible_columns(mask: torch.Tensor, n: int, kv_length: int) -> torch.Tensor:

@@ -8,9 +8,8 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import torch
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from .prefix import plain_sdpa
 
 PROBE_ATTENTION_NAME = "hificl_probe"
 
@@ -26,26 +25,33 @@ class AttentionCall:
     device: torch.device
 
 
-_calls: list[AttentionCall] = []
-
-
 def probe_attention_forward(module, query, key, value, attention_mask, **kwargs):
-    _calls.append(AttentionCall(module, query.shape[1], key.shape[1], query.shape[-1], query.device))
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    """The probe outside a recording: plain SDPA."""
+    return plain_sdpa(module, query, key, value, attention_mask, **kwargs)
 
 
 def register_probe() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
     AttentionInterface.register(PROBE_ATTENTION_NAME, probe_attention_forward)
     AttentionMaskInterface.register(PROBE_ATTENTION_NAME, sdpa_mask)
 
 
 @contextlib.contextmanager
 def record_attention_calls() -> Iterator[list[AttentionCall]]:
-    """The attention calls that reach the probe function during the block, in call order."""
-    start = len(_calls)
+    """The attention calls that reach the probe function during the block, in call order: the probe records into
+    a list of this block's own (a function registered for the block, replaced by the plain probe after it)."""
+    from transformers import AttentionInterface
+
     found: list[AttentionCall] = []
+
+    def recording(module, query, key, value, attention_mask, **kwargs):
+        found.append(AttentionCall(module, query.shape[1], key.shape[1], query.shape[-1], query.device))
+        return plain_sdpa(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register(PROBE_ATTENTION_NAME, recording)
     try:
         yield found
     finally:
-        found.extend(_calls[start:])
-        del _calls[start:]
+        AttentionInterface.register(PROBE_ATTENTION_NAME, probe_attention_forward)

@@ -5,13 +5,10 @@ mask, so the oracle never depends on the fast path's mask shortcuts."""
 from __future__ import annotations
 
 import torch
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import repeat_kv
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .attention import expand_pairs, route, run_routed
 from .config import Formula
-from .prefix import is_causal_call
+from .prefix import is_causal_call, repeat_kv
 
 REFERENCE_ATTENTION_NAME = "hificl_reference"
 
@@ -75,11 +72,16 @@ def reference_attention_forward(
 
 def materialised_mask(*args, **kwargs):
     """transformers' SDPA mask, never skipped for unpadded causal or bidirectional batches."""
+    from transformers.masking_utils import sdpa_mask
+
     kwargs["allow_is_causal_skip"] = False
     kwargs["allow_is_bidirectional_skip"] = False
     return sdpa_mask(*args, **kwargs)
 
 
 def register_reference() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
     AttentionInterface.register(REFERENCE_ATTENTION_NAME, reference_attention_forward)
     AttentionMaskInterface.register(REFERENCE_ATTENTION_NAME, materialised_mask)

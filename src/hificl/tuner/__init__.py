@@ -1,5 +1,6 @@
 """HiFICL as a PEFT method: its config (`HiFICLConfig`, ``peft_type "HIFICL"``), its tuner layer and its tuner.
-`register()` (run by ``import hificl``) makes PEFT's own API serve it: `get_peft_model`, `PeftModel.from_pretrained`,
+`register()` (run when this package is imported, which ``import hificl`` arranges as soon as PEFT is imported:
+`hificl.peft_registration`) makes PEFT's own API serve it: `get_peft_model`, `PeftModel.from_pretrained`,
 `load_adapter`, `save_pretrained`, `transformers.Trainer` on the wrapped model.
 
 PEFT's `register_peft_method` accepts only members of its closed `PeftType` enum, so the type is registered as a
@@ -20,5 +21,7 @@ def register() -> None:
     PEFT_TYPE_TO_TUNER_MAPPING[PEFT_TYPE] = HiFICLTuner
     PEFT_TYPE_TO_PREFIX_MAPPING[PEFT_TYPE] = HiFICLTuner.prefix
 
+
+register()
 
 __all__ = ["PEFT_TYPE", "HiFICLConfig", "HiFICLLayer", "HiFICLTuner", "register"]
