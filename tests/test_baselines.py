@@ -10,7 +10,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from hificl import pipeline
 from hificl.backbones import load_backbone
 from hificl.methods import get_method
-from hificl.methods.mimic import MIMIC_ATTENTION, SHIFT_ATTR
+from hificl.adapters.mimic import MIMIC_ATTENTION, SHIFT_ATTR
 from hificl.objectives import Teacher, TeacherBatch
 from hificl.run_config import RunConfig
 from hificl.seeding import Seeds

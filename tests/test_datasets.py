@@ -7,12 +7,14 @@ import math
 import random
 import shutil
 
+import jsonschema
 import pytest
 
 from fixtures import save_family, write_karpathy, write_vqa
 from hificl import pipeline
 from hificl.cli import main as cli_main
 from hificl.metrics import MetricUnavailableError
+from hificl.results import schema
 from hificl.run_config import RunConfig, load_run_config, packaged_configs
 from hificl.tasks import Answer, Instruction, get_task, read_vqa
 
@@ -161,7 +163,8 @@ def test_train_eval_report_per_dataset(data, tmp_path, dataset, family, chat):
     predictions = [json.loads(line) for line in (out / "zero-shot" / "predictions.jsonl").read_text().splitlines()]
     zero_shot = results["rows"][0]
     assert zero_shot[metric] == pytest.approx(sum(p["score"] for p in predictions) / len(predictions))
-    assert (out / "results.md").read_text().startswith("**") and (out / "accuracy.png").stat().st_size > 0
+    assert (out / "results.md").read_text().startswith("**") and (out / f"{metric}.png").stat().st_size > 0
+    jsonschema.validate(json.loads((out / "results.json").read_text()), schema())  # CHAIR's scores too
 
 
 def test_packaged_benchmark_configs_are_valid(data):

@@ -104,7 +104,7 @@ def test_teacher_and_student_see_the_same_query_tokens(setting):
 
 @pytest.mark.parametrize("full_rank", [False, True])
 def test_initialising_from_demonstrations_takes_the_teachers_own_tokens(setting, full_rank):
-    from hificl.inspect import capture_attention
+    from hificl.attention_capture import capture_attention
 
     backbone, task = setting
     options = {"full_rank_keys": True, "full_rank_values": True} if full_rank else {"rank": 16, "num_virtual_tokens": 4}
@@ -130,7 +130,8 @@ def test_inspection_equals_a_direct_float64_computation(setting):
     """The virtual share of every layer and head equals the softmax mass on the virtual columns of attention over
     the concatenation [K_v; K], computed here in float64 from the captured queries and keys."""
     from hificl import HiFICLConfig, get_hificl_model
-    from hificl.inspect import capture_attention, virtual_attention_share, virtual_value_tokens
+    from hificl.attention_capture import capture_attention
+    from hificl.inspect import virtual_attention_share, virtual_value_tokens
     from hificl.prompting import Prompter
     import copy
 
@@ -177,7 +178,7 @@ def test_teacher_answers_show_progress_and_a_finished_run_does_not_redo_them(tin
                                                                              capsys, monkeypatch):
     """The teacher's answers come with a progress bar; a rerun after training finished resumes from the last
     checkpoint without generating them again (they only serve steps that are left)."""
-    from hificl.methods.distill import TeacherAnswers
+    from hificl.distillation import TeacherAnswers
 
     args = ["train", "--backbone", tiny_vlm, "--set",
             f"task={{name: jsonl, train: {colour_task['train']}, test: {colour_task['test']}}}",
@@ -192,3 +193,46 @@ def test_teacher_answers_show_progress_and_a_finished_run_does_not_redo_them(tin
 
     monkeypatch.setattr(TeacherAnswers, "_generate", regenerated)
     assert cli_main(args) == 0
+
+
+@pytest.mark.parametrize("student", ["hificl", "live", "mimic", "lora"])
+def test_a_student_is_built_by_its_own_methods_recipe(setting, student):
+    """The student's adapter, its initialisation and its optimiser groups (LIVE's learning rates, MimIC's bias
+    without weight decay) are those of the student method itself; only the objective is distillation's."""
+    backbone, task = setting
+
+    def trainable(adapter):
+        return {name: p.detach().clone() for name, p in adapter.named_parameters() if p.requires_grad}
+
+    parts = get_method("distill", shots=2, student=student).build(backbone, task, Seeds(0, 5))
+    try:
+        kind, groups, weights = type(parts.adapter), parts.param_groups, trainable(parts.adapter)
+        assert type(parts.objective).__name__ == ("TeacherAnswerAlignment" if student == "mimic" else "TeacherAnswerKL")
+    finally:
+        parts.close()
+    alone = get_method(student).build(backbone, task, Seeds(0, 5))
+    try:
+        assert type(alone.adapter) is kind and alone.param_groups == groups
+        mine = trainable(alone.adapter)
+        assert mine.keys() == weights.keys() and all(torch.equal(mine[k], weights[k]) for k in mine)
+    finally:
+        alone.close()
+    if student == "live":
+        assert groups == [{"params": ["shifts.vectors"], "lr": 5e-3}, {"params": ["shifts.scales"], "lr": 1e-2}]
+
+
+def test_a_students_options_are_its_methods_and_its_objectives_are_refused():
+    live = get_method("distill", student="live", vector_lr=1e-3)
+    assert live.param_groups()[0]["lr"] == 1e-3 and live.options["vector_lr"] == 1e-3
+    assert "kl_weight" not in live.options and live.label == "LIVE distilled (8-shot)"
+    assert get_method("distill", rank=4).options["rank"] == 4
+    with pytest.raises(ValueError, match=r"\['kl_weight'\] set the live method's own training objective"):
+        get_method("distill", student="live", kl_weight=2.0)
+    with pytest.raises(ValueError, match="student live.*rank"):
+        get_method("distill", student="live", rank=4)
+    with pytest.raises(ValueError, match="draws must be 1"):
+        get_method("distill", student="mimic", draws=2)
+    with pytest.raises(ValueError, match="init: demonstrations sets virtual key-value pairs"):
+        get_method("distill", student="lora", init="demonstrations")
+    with pytest.raises(ValueError, match="distill: student"):
+        get_method("distill", student="distill")

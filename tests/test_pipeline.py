@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hificl import pipeline
+from hificl import pipeline, protocol
 from hificl.backbones import IGNORE_INDEX, load_backbone
 from hificl.cli import main as cli_main
 from hificl.evaluator import GenerationConfig, evaluate
@@ -53,7 +53,7 @@ def test_compare_runs_train_eval_report_end_to_end(workspace, tmp_path):
     lines = [line.strip("|").split("|") for line in table.splitlines() if line.startswith("|")]
     header, cells = [c.strip() for c in lines[0]], {line[0].strip(): [c.strip() for c in line] for line in lines[2:]}
     assert cells["HiFICL"][header.index("labelled")] == "20" and cells["zero-shot"][header.index("labelled")] == "0"
-    assert (tmp_path / "accuracy.png").stat().st_size > 0 and (tmp_path / "data_efficiency.png").stat().st_size > 0
+    assert (tmp_path / "vqa_accuracy.png").stat().st_size > 0 and (tmp_path / "data_efficiency.png").stat().st_size > 0
     predictions = (tmp_path / "zero-shot" / "predictions.jsonl").read_text().splitlines()
     assert len(predictions) == 8 and {"prediction", "answers", "score"} <= set(json.loads(predictions[0]))
     hificl = next(row for row in results["rows"] if row["method"] == "HiFICL")
@@ -223,9 +223,9 @@ def test_bad_inputs_raise_clear_errors(workspace, tmp_path):
         load_run_config(None, ["train.epochs"])
     assert cli_main(["compare", "--set", "eval.num_beams=0"]) == 2
     with pytest.raises(ValueError, match="Unknown train setting"):
-        pipeline._build_method({"name": "hificl", "train": {"lrr": 1}})
+        protocol.build_method({"name": "hificl", "train": {"lrr": 1}})
     with pytest.raises(ValueError, match="not trained"):
-        pipeline._build_method({"name": "zero-shot", "train": {"lr": 1.0}})
+        protocol.build_method({"name": "zero-shot", "train": {"lr": 1.0}})
     backbone = load_backbone(workspace["lm"])
     task = get_task("jsonl", seed=3407, train=workspace["task"]["train"], test=workspace["task"]["test"])
     with pytest.raises(ValueError, match="text-only"):
@@ -404,7 +404,7 @@ def test_validation_asked_of_a_task_without_it_is_said(workspace, tmp_path, capl
     config = _config(workspace, tmp_path, task={"name": "jsonl", "train": workspace["task"]["train"],
                                                 "test": workspace["task"]["test"]}, validation_samples=30)
     with caplog.at_level("WARNING", logger="hificl"):
-        run = pipeline.Run(config)
+        run = protocol.Run(config)
     assert run.validation_examples == []
     warned = caplog.text + capsys.readouterr().err
     assert "validation_samples is 30 but task" in warned and "no epoch is chosen on validation" in warned
@@ -434,9 +434,9 @@ def test_a_sharding_launch_is_refused_before_the_backbone_loads(workspace, tmp_p
     for the models these engines are for takes minutes), naming the engine; evaluating is not refused."""
     monkeypatch.setenv(variable, "true")
     loaded = []
-    monkeypatch.setattr(pipeline, "load_backbone", lambda *args, **kwargs: loaded.append(args) or 1 / 0)
+    monkeypatch.setattr(protocol, "load_backbone", lambda *args, **kwargs: loaded.append(args) or 1 / 0)
     with pytest.raises(ValueError, match=f"launched for {engine}.*plain DDP"):
-        pipeline.Run(_config(workspace, tmp_path))
+        protocol.Run(_config(workspace, tmp_path))
     assert not loaded
     with pytest.raises(ZeroDivisionError):  # evaluation goes on to load the backbone
-        pipeline.Run(_config(workspace, tmp_path), trains=False)
+        protocol.Run(_config(workspace, tmp_path), trains=False)

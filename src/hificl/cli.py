@@ -135,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from . import pipeline
-    from .report import markdown_table
+    from .inspect import inspect_adapter
+    from .report import markdown_table, plot_name
 
     previous_sigterm = _stop_on_sigterm()
     try:
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"adapter (epoch {summary['selected_epoch']}) saved to {summary['adapter']}")
                 return 0
             elif args.command == "inspect":
-                report = pipeline.inspect(config, args.adapter, args.queries)
+                report = inspect_adapter(config, args.adapter, args.queries)
                 if main_process:
                     print((Path(config.output_dir) / "inspect.md").read_text())
                     print(f"inspection of {report['method']}: {config.output_dir}/inspect.json, inspect.md, "
@@ -173,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print()
     print(markdown_table(results))
-    print(f"results: {config.output_dir}/results.json, results.md, accuracy.png"
+    print(f"results: {config.output_dir}/results.json, results.md, {plot_name(results)}"
           + (", data_efficiency.png" if results.get("data_efficiency") else ""))
     return 0
 

@@ -1,94 +1,25 @@
 """What virtual pairs do: the share of each head's attention that goes to the virtual slots (``1 - alpha``), per
 layer and head, over a task's queries; and what the virtual values write into the residual stream, read through
 the language-model head (the top tokens per layer, a logit lens). `hificl inspect --adapter DIR` writes both
-as JSON, a heatmap PNG and a Markdown table.
-
-Also `capture_attention`: the post-RoPE queries, keys and values every attention call of a routed model sees
-(distillation initialises virtual pairs from a teacher's demonstration tokens with it).
+as JSON, a heatmap PNG and a Markdown table. The attention calls are recorded by `hificl.attention_capture`.
 """
 
 from __future__ import annotations
 
-import contextlib
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import repeat_kv
-from transformers.masking_utils import AttentionMaskInterface
 
+from .adapters import HiFICLModel, load_adapter_model
+from .attention_capture import recording
 from .backbones import Backbone
-from .core.attention import ATTENTION_NAME, hificl_attention_forward, route
-from .core.reference import materialised_mask, visible_real_keys
 from .io import atomic_write, atomic_write_json, atomic_write_text
-from .adapters import HiFICLModel
+from .methods import method_for_adapter
 from .prompting import Prompter
+from .protocol import Run, holding
+from .run_config import RunConfig
 from .tasks import Example
-
-INSPECT_ATTENTION_NAME = "hificl_inspect"
-
-
-@dataclass
-class _Recorder:
-    """What the inspecting attention function records, per layer (index of the routed attention modules)."""
-
-    layers: dict[Any, int]
-    mass: dict[int, torch.Tensor] = field(default_factory=dict)  # [heads]: summed virtual share over queries
-    count: dict[int, int] = field(default_factory=dict)  # queries counted per layer
-    captured: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)  # (query, key, value, visible)
-
-
-_recorder: _Recorder | None = None
-
-
-def _inspecting_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
-                          **kwargs):
-    """hificl's attention, plus (float64, from the same inputs) each real query's softmax mass on the virtual
-    slots, accumulated per layer and head; rows and positions that are padding are not counted."""
-    recorder = _recorder
-    layer = recorder.layers.get(id(module)) if recorder is not None else None
-    if layer is not None:
-        visible = visible_real_keys(module, attention_mask, query.shape[2], key.shape[2], is_causal, query.device)
-        recorder.captured[layer] = (query.detach(), key.detach(), value.detach(), visible)
-        routing = route(module, query)
-        if routing is not None and not isinstance(routing, list):
-            scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-            q = query.double()
-            k = repeat_kv(key, q.shape[1] // key.shape[1]).double()
-            real = (q @ k.transpose(-1, -2) * scale).masked_fill(~visible, float("-inf"))
-            virtual = q @ routing.keys.double().transpose(-1, -2) * scale
-            share = torch.sigmoid(torch.logsumexp(virtual, -1) - torch.logsumexp(real, -1))  # [b, h, q]
-            counted = visible.any(-1).expand(share.shape)  # queries that see a real key (not padding)
-            mass = torch.where(counted, share, torch.zeros_like(share)).sum((0, 2))
-            recorder.mass[layer] = recorder.mass.get(layer, 0) + mass.cpu()
-            recorder.count[layer] = recorder.count.get(layer, 0) + int(counted[:, 0].sum())
-    return hificl_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                    is_causal=is_causal, **kwargs)
-
-
-@contextlib.contextmanager
-def _recording(model: HiFICLModel) -> Iterator[_Recorder]:
-    global _recorder
-    AttentionInterface.register(INSPECT_ATTENTION_NAME, _inspecting_attention)
-    AttentionMaskInterface.register(INSPECT_ATTENTION_NAME, materialised_mask)
-    previous, _recorder = _recorder, _Recorder({id(m): i for i, m in enumerate(model.routing.attention_modules)})
-    model.routing.set(INSPECT_ATTENTION_NAME)
-    try:
-        yield _recorder
-    finally:
-        model.routing.set(ATTENTION_NAME)
-        _recorder = previous
-
-
-@contextlib.contextmanager
-def capture_attention(model: HiFICLModel) -> Iterator[dict[int, tuple[torch.Tensor, ...]]]:
-    """During the block, ``captured[layer] = (query, key, value, visible)`` of the last forward's attention calls:
-    post-RoPE queries ``[b, h, q, d]``, keys and values ``[b, kv_heads, k, d]``, and the boolean visibility of
-    the real keys ``[b or 1, 1, q, k]``."""
-    with _recording(model) as recorder:
-        yield recorder.captured
 
 
 @torch.no_grad()
@@ -100,7 +31,7 @@ def virtual_attention_share(model: HiFICLModel, prompter: Prompter, backbone: Ba
     shape = model.shape
     was_training = model.training
     model.eval()
-    with _recording(model) as recorder:
+    with recording(model) as recorder:
         for start in range(0, len(examples), batch_size):
             chunk = list(examples[start:start + batch_size])
             batch = backbone.encode([prompter.prompt(e) for e in chunk], padding_side="left")
@@ -190,4 +121,27 @@ def write_inspection(folder: str | Path, share: torch.Tensor, tokens: list[dict[
     return [folder / "inspect.json", folder / "virtual_share.png", folder / "inspect.md"]
 
 
-__all__ = ["capture_attention", "virtual_attention_share", "virtual_value_tokens", "write_inspection"]
+def inspect_adapter(config: RunConfig, adapter: str, queries: int = 64) -> dict[str, Any]:
+    """`hificl inspect`: what a saved HiFICL adapter (trained or distilled) does on the config's test questions --
+    the attention share of its virtual slots per layer and head, and what its virtual values write, read through
+    the LM head; written to output_dir as inspect.json, virtual_share.png and inspect.md."""
+    with holding(config):
+        run = Run(config, trains=False)
+        method = method_for_adapter(adapter)
+        model = load_adapter_model(run.backbone.model, adapter)
+        try:
+            if not isinstance(model, HiFICLModel):
+                raise ValueError(f"{adapter} holds a {type(model).title} adapter: inspect reads virtual key-value pairs "
+                                 "(HiFICL adapters, trained or distilled).")
+            examples = run.test_examples[:queries]
+            share = virtual_attention_share(model, Prompter(run.task), run.backbone, examples, config.eval.batch_size)
+            tokens = virtual_value_tokens(model, run.backbone.tokenizer)
+        finally:
+            model.unload()
+        if run.main:
+            write_inspection(run.output_dir, share, tokens, method.label, len(examples))
+    return {"method": method.label, "virtual_share": share.tolist(), "value_tokens": tokens,
+            "queries": len(examples)}
+
+
+__all__ = ["inspect_adapter", "virtual_attention_share", "virtual_value_tokens", "write_inspection"]

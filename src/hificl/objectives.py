@@ -126,6 +126,22 @@ class TeacherBatch:
         return values.gather(1, index)
 
 
+def shared_tails(student_ids: torch.Tensor, student_mask: torch.Tensor, teacher_ids: torch.Tensor,
+                 teacher_mask: torch.Tensor) -> list[int]:
+    """Per row of right-padded student and teacher encodings: how many tokens their real sequences share at the
+    end (the query, and its answer where both hold it; what the teacher has before them is its demonstrations and
+    any instruction or system turn)."""
+    lengths = []
+    for row in range(student_ids.shape[0]):
+        n_student, n_teacher = int(student_mask[row].sum()), int(teacher_mask[row].sum())
+        ours, theirs = student_ids[row, :n_student].tolist(), teacher_ids[row, :n_teacher].tolist()
+        shared = 0
+        while shared < min(n_student, n_teacher) and ours[n_student - 1 - shared] == theirs[n_teacher - 1 - shared]:
+            shared += 1
+        lengths.append(shared)
+    return lengths
+
+
 class Teacher:
     """The frozen model with k demonstrations in context (adapter disabled, no gradient), aligned token by token
     with the student, which sees the query (and answer) alone. The shared tail must cover the whole answer and
@@ -160,12 +176,9 @@ class Teacher:
         student_lengths = student["attention_mask"].sum(1).tolist()
         teacher_lengths = teacher["attention_mask"].sum(1).tolist()
         starts = []
-        for row, (n_student, n_teacher) in enumerate(zip(student_lengths, teacher_lengths)):
-            ours = student["input_ids"][row, :n_student].tolist()
-            theirs = teacher["input_ids"][row, :n_teacher].tolist()
-            shared = 0
-            while shared < min(n_student, n_teacher) and ours[n_student - 1 - shared] == theirs[n_teacher - 1 - shared]:
-                shared += 1
+        shared_lengths = shared_tails(student["input_ids"], student["attention_mask"], teacher["input_ids"],
+                                      teacher["attention_mask"])
+        for row, (n_student, shared) in enumerate(zip(student_lengths, shared_lengths)):
             answer_start = int((student["labels"][row] != -100).nonzero().min())
             if n_student - shared > answer_start - 1:
                 raise ValueError(

@@ -1,4 +1,5 @@
-"""Results as JSON (for machines), a Markdown table (for people) and PNG plots. Scores are read and shown by
+"""Results as JSON (for machines: `hificl.results` and its schema), a Markdown table (for people) and PNG plots
+(the scores, in a file named after the metric, and the data-efficiency curve). Scores are read and shown by
 their metric's name (`hificl.metrics`): percentages for accuracies, plain numbers for CIDEr-D. A row measured
 over several seeds shows its mean, the standard deviation over seeds and a 95% bootstrap confidence interval
 (over the test questions and the seeds; over the questions alone for one seed); the plots draw the interval as
@@ -101,6 +102,11 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
+def plot_name(results: dict[str, Any]) -> str:
+    """The file of the bar chart of every row's score: named after the metric (``vqa_accuracy.png``, ``cider_d.png``)."""
+    return f"{results['metric']}.png"
+
+
 def _plots(results: dict[str, Any], folder: Path) -> list[Path]:
     import matplotlib
 
@@ -126,7 +132,7 @@ def _plots(results: dict[str, Any], folder: Path) -> list[Path]:
     axis.set_ylabel(f"test {metric.title}{unit}")
     axis.set_title(f"{results['task']} on {results['backbone']}")
     figure.tight_layout()
-    written.append(folder / "accuracy.png")
+    written.append(folder / plot_name(results))
     atomic_write(written[-1], lambda tmp: figure.savefig(tmp, dpi=120, format="png"))
     plt.close(figure)
 
@@ -144,8 +150,7 @@ def _plots(results: dict[str, Any], folder: Path) -> list[Path]:
                       yerr=[[m - metric.scale(b[0]) for m, b in zip(means, bounds)],
                             [metric.scale(b[1]) - m for m, b in zip(means, bounds)]])
         for row in rows:
-            settings = row.get("settings", {})
-            if "shots" in settings and not row.get("trainable_params") or row["method"] == "zero-shot":
+            if not row["trained"]:  # zero-shot and in-context learning: reference levels
                 axis.axhline(metric.scale(score_of(row)), linestyle="--", linewidth=1, color="gray")
                 axis.annotate(row["method"], (points[-1]["samples"], metric.scale(score_of(row))), fontsize=7,
                               ha="right", va="bottom", color="gray")

@@ -15,6 +15,7 @@ from torch import nn
 from ..adapters import AdapterModel, load_adapter_model
 from ..backbones import Backbone
 from ..core.validate import unknown_options
+from ..distillation import TeacherAnswerKL, TeacherAnswers
 from ..objectives import AnswerLoss
 from ..prompting import Prompter
 from ..seeding import Seeds
@@ -55,12 +56,16 @@ class Parts:
 
 
 class Method:
-    """Base class. Subclasses set `name` (the registry key) and `trainable`, validate their options in
-    `__init__`, and implement `label` and `build`."""
+    """Base class. Subclasses set `name` (the registry key) and `trainable`, validate their options in `__init__`
+    and give their `options` and `label`. A training-free method may override `prompter`; a trained one gives its
+    recipe: `adapter` (required), `objective` (default: cross-entropy on the answer) and `param_groups`, which
+    `build` composes -- and which `hificl.methods.distill` reuses to distil into the method's adapter."""
 
     name: ClassVar[str]
     trainable: ClassVar[bool] = False
     unlabelled: ClassVar[bool] = False  # trains on queries without answers (see `labelled_ids`)
+    objective_options: ClassVar[tuple[str, ...]] = ()  # options of the objective alone (a distilled student has none)
+    distils_ensembles: ClassVar[bool] = True  # whether its distillation objective takes an ensemble of teachers
 
     def __init__(self, **options: Any):
         if options:
@@ -122,8 +127,36 @@ class Method:
         return Prompter(task)
 
     def build(self, backbone: Backbone, task: Task, seeds: Seeds) -> Parts:
-        """The method's parts on `backbone` and `task` (a trained method's adapter freshly initialised)."""
-        return Parts(self.prompter(backbone, task, seeds), backbone.model)
+        """The method's parts on `backbone` and `task`: its prompter, and for a trained method its freshly
+        initialised adapter, objective and optimiser groups."""
+        prompter = self.prompter(backbone, task, seeds)
+        if not self.trainable:
+            return Parts(prompter, backbone.model)
+        adapter = self.adapter(backbone, seeds)
+        try:
+            objective = self.objective(backbone, task, prompter, adapter, seeds)
+        except BaseException:
+            adapter.unload()  # the backbone as it was
+            raise
+        return Parts(prompter, adapter, adapter, objective, self.param_groups(), method=self)
+
+    def adapter(self, backbone: Backbone, seeds: Seeds) -> AdapterModel:
+        """A trained method's adapter on the backbone's model, initialised from the replicate's seed."""
+        raise NotImplementedError(f"Method {self.name!r} trains no adapter.")
+
+    def objective(self, backbone: Backbone, task: Task, prompter: Prompter, adapter: AdapterModel, seeds: Seeds):
+        """What a trained method minimises (default: cross-entropy on the answer tokens)."""
+        return AnswerLoss(backbone, task, prompter)
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Optimiser groups of parameters with settings of their own (see `Parts.param_groups`)."""
+        return []
+
+    def distillation_objective(self, backbone: Backbone, task: Task, prompter: Prompter, adapter: AdapterModel,
+                               answers: TeacherAnswers, ce_weight: float):
+        """What the method's adapter minimises as a distillation student (`hificl.methods.distill`): by default the
+        KL divergence from the k-shot teacher where its own answer is predicted."""
+        return TeacherAnswerKL(backbone, task, prompter, answers, ce_weight)
 
     def load(self, backbone: Backbone, task: Task, seeds: Seeds, folder) -> Parts:
         """The parts of a trained method around the adapter saved in `folder` (for evaluation)."""

@@ -11,7 +11,7 @@ from ..adapters import HiFICLModel
 from ..tuner import HiFICLConfig
 from ..tuner.config import HIFICL_FIELDS
 from ..objectives import AnswerLoss, Teacher, TeacherMLPAlignment
-from .base import Method, Parts
+from .base import Method
 
 
 class HiFICL(Method):
@@ -23,6 +23,7 @@ class HiFICL(Method):
 
     name = "hificl"
     trainable = True
+    objective_options = ("teacher_weight", "teacher_shots")
 
     def __init__(self, teacher_weight: float = 0.0, teacher_shots: int = 8, **options: Any):
         super().__init__()
@@ -58,15 +59,15 @@ class HiFICL(Method):
     def from_saved(cls, config: dict[str, Any]) -> "HiFICL":
         return cls(**{k: v for k, v in config.items() if k in HIFICL_FIELDS})
 
-    def build(self, backbone, task, seeds) -> Parts:
+    def adapter(self, backbone, seeds) -> HiFICLModel:
         config = self.config
         if config.init_seed is None:
             config = dataclasses.replace(config, init_seed=seeds.replicate)
-        adapter = HiFICLModel(backbone.model, config)
-        prompter = self.prompter(backbone, task, seeds)
+        return HiFICLModel(backbone.model, config)
+
+    def objective(self, backbone, task, prompter, adapter, seeds) -> AnswerLoss:
         if not self.teacher_weight:
-            return Parts(prompter, adapter, adapter, AnswerLoss(backbone, task, prompter), method=self)
+            return AnswerLoss(backbone, task, prompter)
         teacher = Teacher.with_shots(backbone, task, self.teacher_shots, seeds, adapter=adapter)
-        objective = TeacherMLPAlignment(backbone, task, prompter, teacher, adapter.routing.mlps(),
-                                        align_weight=self.teacher_weight, ce_weight=1.0)
-        return Parts(prompter, adapter, adapter, objective, method=self)
+        return TeacherMLPAlignment(backbone, task, prompter, teacher, adapter.routing.mlps(),
+                                   align_weight=self.teacher_weight, ce_weight=1.0)

@@ -7,8 +7,7 @@ from typing import Any
 
 from ..adapters import LoraModel
 from ..core.validate import integer, number
-from ..objectives import AnswerLoss
-from .base import Method, Parts
+from .base import Method
 
 
 class Lora(Method):
@@ -33,7 +32,5 @@ class Lora(Method):
     def from_saved(cls, config: dict[str, Any]) -> "Lora":
         return cls(r=config.get("r", 16), alpha=config.get("lora_alpha", 32), dropout=config.get("lora_dropout", 0.05))
 
-    def build(self, backbone, task, seeds) -> Parts:
-        adapter = LoraModel(backbone.model, self.r, self.alpha, self.dropout, init_seed=seeds.replicate)
-        prompter = self.prompter(backbone, task, seeds)
-        return Parts(prompter, adapter, adapter, AnswerLoss(backbone, task, prompter), method=self)
+    def adapter(self, backbone, seeds) -> LoraModel:
+        return LoraModel(backbone.model, self.r, self.alpha, self.dropout, init_seed=seeds.replicate)

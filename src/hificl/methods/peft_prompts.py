@@ -11,10 +11,9 @@ from typing import Any
 
 from peft import CartridgeConfig, PrefixTuningConfig
 
-from ..adapters import CartridgeModel, PrefixTuningModel
+from ..adapters import CartridgeModel, PrefixTuningModel, PromptLearningModel
 from ..core.validate import boolean, integer
-from ..objectives import AnswerLoss
-from .base import Method, Parts
+from .base import Method
 
 
 class _PeftPrefix(Method):
@@ -40,10 +39,8 @@ class _PeftPrefix(Method):
     def from_saved(cls, config: dict[str, Any]) -> "_PeftPrefix":
         return cls(**{k: config[k] for k in cls().options if k in config})
 
-    def build(self, backbone, task, seeds) -> Parts:
-        adapter = self.adapter_class(backbone.model, self.peft_config(), init_seed=seeds.replicate)
-        prompter = self.prompter(backbone, task, seeds)
-        return Parts(prompter, adapter, adapter, AnswerLoss(backbone, task, prompter), method=self)
+    def adapter(self, backbone, seeds) -> PromptLearningModel:
+        return self.adapter_class(backbone.model, self.peft_config(), init_seed=seeds.replicate)
 
 
 class PrefixTuning(_PeftPrefix):
