@@ -4,18 +4,16 @@ batches, each doing half the work; sharded evaluation returns the single process
 padding of the last shard uncounted; a run killed mid-epoch resumes with exactly the remaining batches."""
 
 import json
-import os
 import signal
-import socket
 import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from fixtures.launch import PYTHON, child_env, free_port, run_ok, torchrun
+
 pytestmark = pytest.mark.skipif(0 < torch.cuda.device_count() < 2, reason="two processes need two GPUs here")
-PYTHON = sys.executable
 
 
 @pytest.fixture(scope="module")
@@ -36,23 +34,6 @@ validation_samples: 4
     return str(path)
 
 
-def _run(args, **kwargs):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300, **kwargs)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
-def _free_port() -> str:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return str(probe.getsockname()[1])
-
-
-def _torchrun(*args):
-    return [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", _free_port()] + list(args)
-
-
 @pytest.mark.parametrize("method, batch_size, grad_accum, steps, shares", [
     ("{name: hificl, value_b_std: 0.3}", 2, 2, 10, [20, 20]),  # the micro-batches dealt out
     ("{name: hificl, value_b_std: 0.3}", 4, 1, 10, [20, 20]),  # one micro-batch a step: split between the two
@@ -65,8 +46,8 @@ def test_two_processes_train_the_adapter_one_process_trains(config_file, tmp_pat
     step's elements, so the adapter is the single process's (to float rounding)."""
     common = ["-m", "hificl.cli", "train", "--config", config_file, "--set", f"methods=[{method}]",
               "--set", f"train.batch_size={batch_size}", "--set", f"train.grad_accum={grad_accum}"]
-    _run([PYTHON, *common, "--output-dir", str(tmp_path / "one")])
-    _run(_torchrun(*common, "--output-dir", str(tmp_path / "two")))
+    run_ok([PYTHON, *common, "--output-dir", str(tmp_path / "one")])
+    run_ok(torchrun(*common, "--output-dir", str(tmp_path / "two")))
     one, two = (load_file(str(tmp_path / run / "adapter" / "adapter_model.safetensors")) for run in ("one", "two"))
     assert one.keys() == two.keys()
     for key in one:
@@ -80,11 +61,11 @@ def test_two_processes_train_the_adapter_one_process_trains(config_file, tmp_pat
 
 
 def test_sharded_evaluation_returns_the_single_process_predictions(config_file, tmp_path):
-    _run([PYTHON, "-m", "hificl.cli", "train", "--config", config_file, "--output-dir", str(tmp_path / "train"),
+    run_ok([PYTHON, "-m", "hificl.cli", "train", "--config", config_file, "--output-dir", str(tmp_path / "train"),
           "--set", "methods=[{name: hificl, value_b_std: 0.3}]"])
     common = ["hificl.cli", "eval", "--config", config_file, "--adapter", str(tmp_path / "train" / "adapter")]
-    _run([PYTHON, "-m", *common, "--output-dir", str(tmp_path / "one")])
-    _run(_torchrun("-m", *common, "--output-dir", str(tmp_path / "two")))
+    run_ok([PYTHON, "-m", *common, "--output-dir", str(tmp_path / "one")])
+    run_ok(torchrun("-m", *common, "--output-dir", str(tmp_path / "two")))
     for method in ("icl", "hificl"):
         predictions = {}
         for run in ("one", "two"):
@@ -101,8 +82,8 @@ def test_sharded_evaluation_returns_the_single_process_predictions(config_file, 
 
 
 def test_accelerate_launch_runs_a_comparison_on_two_processes(config_file, tmp_path):
-    _run([PYTHON, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--main_process_port",
-          _free_port(), "-m", "hificl.cli", "compare", "--config", config_file, "--output-dir", str(tmp_path / "run"),
+    run_ok([PYTHON, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--main_process_port",
+          free_port(), "-m", "hificl.cli", "compare", "--config", config_file, "--output-dir", str(tmp_path / "run"),
           "--set", "train.epochs=1"])
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["environment"]["processes"] == 2
@@ -115,9 +96,9 @@ def test_a_killed_run_resumes_with_exactly_the_remaining_batches(config_file, tm
     ends with exactly the adapter of an uninterrupted run."""
     common = [PYTHON, "-m", "hificl.cli", "train", "--config", config_file, "--log-level", "debug",
               "--set", "methods=[{name: hificl, value_b_std: 0.3}]", "--set", "train.checkpoint_every=2"]
-    _run(common + ["--output-dir", str(tmp_path / "straight")])
+    run_ok(common + ["--output-dir", str(tmp_path / "straight")])
     killed = tmp_path / "killed"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = child_env()
     process = subprocess.Popen(common + ["--output-dir", str(killed)], stderr=subprocess.PIPE, text=True, env=env)
     done = 0
     for line in process.stderr:
@@ -128,7 +109,7 @@ def test_a_killed_run_resumes_with_exactly_the_remaining_batches(config_file, tm
                 break
     process.wait(timeout=60)
     assert done == 5 and process.returncode == -signal.SIGKILL
-    resumed = _run(common + ["--output-dir", str(killed)])
+    resumed = run_ok(common + ["--output-dir", str(killed)])
     first = next(line for line in resumed.stderr.splitlines() if "done, loss" in line)
     restart_step = int(first.split("step ")[1].split(" ")[0]) - 1
     assert "resuming" in resumed.stderr and 5 - 2 <= restart_step <= 5, resumed.stderr[-2000:]
@@ -145,9 +126,9 @@ def test_sigterm_saves_the_step_and_the_rerun_loses_nothing(config_file, tmp_pat
     the very next step and ends with exactly the adapter of an uninterrupted run."""
     common = [PYTHON, "-m", "hificl.cli", "train", "--config", config_file, "--log-level", "debug",
               "--set", "methods=[{name: hificl, value_b_std: 0.3}]"]
-    _run(common + ["--output-dir", str(tmp_path / "straight")])
+    run_ok(common + ["--output-dir", str(tmp_path / "straight")])
     stopped = tmp_path / "stopped"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = child_env()
     process = subprocess.Popen(common + ["--output-dir", str(stopped)], stderr=subprocess.PIPE, text=True, env=env)
     for line in process.stderr:
         if "done, loss" in line and int(line.split("step ")[1].split(" ")[0]) == 5:
@@ -158,7 +139,7 @@ def test_sigterm_saves_the_step_and_the_rerun_loses_nothing(config_file, tmp_pat
     assert process.returncode == 128 + signal.SIGTERM and "stopped by SIGTERM" in rest, rest[-2000:]
     saved = [p.name for p in (stopped / "train").glob("step-*")]
     assert len(saved) == 1 and saved[0] in ("step-5", "step-6") and saved[0] in rest
-    resumed = _run(common + ["--output-dir", str(stopped)])
+    resumed = run_ok(common + ["--output-dir", str(stopped)])
     first = next(line for line in resumed.stderr.splitlines() if "done, loss" in line)
     assert int(first.split("step ")[1].split(" ")[0]) == int(saved[0].split("-")[1]) + 1, "no step repeated"
     straight = load_file(str(tmp_path / "straight" / "adapter" / "adapter_model.safetensors"))

@@ -14,7 +14,9 @@ from typing import Any, Callable
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import DTensor, distribute_tensor
 
+from .distributed import set_whole_
 from .io import atomic_folder, remove_folder
 
 logger = logging.getLogger(__name__)
@@ -55,32 +57,25 @@ class Position:
     seconds: float = 0.0
 
 
-def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """A tensor's whole value on the CPU (a sharded DTensor gathered)."""
-    tensor = tensor.detach()
-    if hasattr(tensor, "full_tensor"):
-        tensor = tensor.full_tensor()
-    return tensor.cpu().contiguous()
-
-
-def write_checkpoint(folder: Path, params: dict[str, torch.Tensor], names: list[str], optimizer, scheduler,
-                     state: dict[str, Any], artifact: Callable[[Path], None] | None = None) -> None:
-    """Write a checkpoint folder in one swap: `params` by name, the optimiser's state keyed by the parameter
-    names in its order (`names`), the scheduler and `state` (JSON), and ``artifact(folder / ARTIFACT)``."""
+def write_checkpoint(folder: Path, weights: dict[str, torch.Tensor], names: list[str], optimizer: dict[str, Any],
+                     scheduler: dict[str, Any], state: dict[str, Any], artifact: Callable[[Path], None] | None = None
+                     ) -> None:
+    """Write a checkpoint folder in one swap: the whole trainable `weights` by name, the optimiser's state dict
+    (whole tensors) keyed by the parameter names in its order (`names`), the scheduler's state and `state` (JSON),
+    and ``artifact(folder / ARTIFACT)``. The layout names no engine, so any engine resumes it."""
     with atomic_folder(folder) as tmp:
-        save_file({n: full_tensor(p) for n, p in params.items()}, str(tmp / "trainable.safetensors"))
-        optimizer_state = optimizer.state_dict()
+        save_file({n: w.detach().cpu().contiguous() for n, w in weights.items()}, str(tmp / "trainable.safetensors"))
         tensors, scalars = {}, {}
-        for index, slots in optimizer_state["state"].items():
+        for index, slots in optimizer["state"].items():
             for key, value in slots.items():
                 if torch.is_tensor(value):
-                    tensors[f"{names[index]}::{key}"] = full_tensor(value)
+                    tensors[f"{names[index]}::{key}"] = value.detach().cpu().contiguous()
                 else:
                     scalars[f"{names[index]}::{key}"] = value
         save_file(tensors, str(tmp / "optimizer.safetensors"))
-        groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer_state["param_groups"]]
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer["param_groups"]]
         (tmp / STATE_FILE).write_text(json.dumps({**state, "param_groups": groups, "optimizer_scalars": scalars,
-                                                  "scheduler": scheduler.state_dict()}, indent=2))
+                                                  "scheduler": scheduler}, indent=2))
         if artifact is not None:
             artifact(tmp / ARTIFACT)
 
@@ -110,6 +105,11 @@ def damaged_checkpoints(folder: Path) -> list[DamagedCheckpointError]:
 def epoch_artifact(folder: Path, epoch: int) -> Path:
     """Where the checkpoint of `epoch` in `folder` holds the method's own files (its adapter)."""
     return folder / f"{EPOCH_PREFIX}{epoch}" / ARTIFACT
+
+
+def epoch_weights(folder: Path, epoch: int) -> dict[str, torch.Tensor]:
+    """The whole trainable weights saved at the end of `epoch` in `folder`, by parameter name."""
+    return _read_tensors(folder / f"{EPOCH_PREFIX}{epoch}" / "trainable.safetensors")
 
 
 def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
@@ -158,18 +158,24 @@ def read_checkpoint(path: Path, params: dict[str, torch.nn.Parameter], names: li
     if set(weights) != set(params):
         raise ResumeMismatchError(f"Cannot resume from {path}: it holds other trainable parameters than this "
                                   "model. Use another output folder, or --restart.")
-    with torch.no_grad():
-        for name, param in params.items():
-            param.copy_(weights[name].to(param.dtype))
+    for name, param in params.items():
+        set_whole_(param, weights[name])
     optimizer_state: dict[int, dict[str, Any]] = {}
     for key, value in list(tensors.items()) + list(state["optimizer_scalars"].items()):
         name, slot = key.split("::")
-        optimizer_state.setdefault(names.index(name), {})[slot] = value
+        optimizer_state.setdefault(names.index(name), {})[slot] = _like(params[name], value)
     current = optimizer.state_dict()["param_groups"]
     groups = [dict(saved, params=now["params"]) for saved, now in zip(state["param_groups"], current)]
     optimizer.load_state_dict({"state": optimizer_state, "param_groups": groups})
     scheduler.load_state_dict(state["scheduler"])
     return state
+
+
+def _like(param: torch.Tensor, value: Any) -> Any:
+    """An optimiser state slot as its parameter holds it: this process's shard of a sharded parameter's moments."""
+    if isinstance(param, DTensor) and torch.is_tensor(value) and value.shape == param.shape:
+        return distribute_tensor(value.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+    return value
 
 
 def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
@@ -185,5 +191,5 @@ def discard_checkpoints(folder: Path) -> None:
         remove_folder(path)
 
 
-__all__ = ["ARTIFACT", "DamagedCheckpointError", "damaged_checkpoints", "epoch_artifact", "EPOCH_PREFIX", "STEP_PREFIX", "Position", "ResumeMismatchError", "check_resumable", "discard_checkpoints",
-           "full_tensor", "list_checkpoints", "read_checkpoint", "write_checkpoint"]
+__all__ = ["ARTIFACT", "DamagedCheckpointError", "damaged_checkpoints", "epoch_artifact", "epoch_weights", "EPOCH_PREFIX", "STEP_PREFIX", "Position", "ResumeMismatchError", "check_resumable", "discard_checkpoints",
+           "list_checkpoints", "read_checkpoint", "write_checkpoint"]

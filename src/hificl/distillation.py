@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from .adapters import AdapterModel, HiFICLModel
 from .attention_capture import capture_attention
+from .distributed import is_sharded_model, process_state
 from .generation import generate_answers
 from .objectives import (Teacher, TeacherBatch, TeacherMLPAlignment, TeacherObjective, answer_positions,
                          answer_tokens, shared_tails)
@@ -40,7 +41,8 @@ class TeacherAnswers:
             batch = backbone.encode(teacher.prompts(queries), padding_side="left", names=[q.id for q in queries])
             batch = {k: v.to(backbone.device) for k, v in batch.items()}
             with model.disable_adapter():
-                raws = generate_answers(model, backbone, self.task, batch, self.task.max_new_tokens)
+                raws = generate_answers(model, backbone, self.task, batch, self.task.max_new_tokens,
+                                        **({"synced_gpus": True} if is_sharded_model(model) else {}))
             draws.append([self.task.postprocess(raw) for raw in raws])
         model.train(was_training)
         answers = {}
@@ -55,12 +57,13 @@ class TeacherAnswers:
         with a progress bar (ETA) on the main process."""
         from accelerate.utils import gather_object
 
-        from .distributed import process_state
-
         state = process_state()
         missing = [q for q in queries if q.id not in self.answers]
         batches = [missing[i:i + self.batch_size] for i in range(0, len(missing), self.batch_size)]
         mine_batches = batches[state.process_index::state.num_processes]
+        if is_sharded_model(self.adapter) and batches:  # every generation is a collective: as many on every process
+            rounds = -(-len(batches) // state.num_processes)
+            mine_batches += [batches[0]] * (rounds - len(mine_batches))  # answers of a repeat change nothing
         mine = {}
         with tqdm(total=sum(len(b) for b in mine_batches), desc="teacher answers", unit="q", dynamic_ncols=True,
                   disable=not (progress and state.is_main_process)) as bar:

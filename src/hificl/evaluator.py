@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from accelerate.utils import DistributedType, gather_object
+from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from .backbones import Backbone
-from .distributed import process_state
+from .distributed import is_sharded_model, process_state
 from .generation import generate_answers
 from .io import atomic_write_json, atomic_write_text
 from .prompting import Prompter
@@ -64,10 +64,8 @@ def evaluate(model: torch.nn.Module, prompter: Prompter, backbone: Backbone, tas
         raise ValueError("No examples to evaluate.")
     state = process_state()
     mine, real = shard(examples, state.process_index, state.num_processes)
-    sharded_weights = state.num_processes > 1 and state.distributed_type in (DistributedType.FSDP,
-                                                                             DistributedType.DEEPSPEED)
     max_new_tokens = config.max_new_tokens or task.max_new_tokens
-    options = {"synced_gpus": True} if sharded_weights else {}
+    options = {"synced_gpus": True} if is_sharded_model(model) else {}  # every forward is a collective
     predictions, scores, prompt_tokens, seconds = [], [], 0, 0.0
     was_training = model.training
     model.eval()

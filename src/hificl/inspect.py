@@ -128,7 +128,7 @@ def inspect_adapter(config: RunConfig, adapter: str, queries: int = 64) -> dict[
     with holding(config):
         run = Run(config, trains=False)
         method = method_for_adapter(adapter)
-        model = load_adapter_model(run.backbone.model, adapter)
+        model = load_adapter_model(run.backbone.model, adapter).to(run.state.device)  # whole (under FSDP2 too)
         try:
             if not isinstance(model, HiFICLModel):
                 raise ValueError(f"{adapter} holds a {type(model).title} adapter: inspect reads virtual key-value pairs "

@@ -12,6 +12,7 @@ import logging
 import time
 from typing import Any
 
+from .distributed import whole_parameters
 from .evaluator import EvalResult
 from .io import atomic_write_json
 from .methods import Method, Parts, method_for_adapter, trained_data
@@ -50,7 +51,7 @@ def run_replicate(run: Run, method: Method, replicate: int) -> list[Row]:
         cost = {"train_seconds": result.seconds, "train_seconds_per_step": result.seconds_per_step,
                 "train_steps": result.steps, "train_peak_memory_mb": result.peak_memory_mb,
                 "train_samples": len(run.train_examples), "epochs": result.last_epoch,
-                "processes": result.processes, "history": result.history}
+                "processes": result.processes, "engine": result.engine, "history": result.history}
         rows = []
         for choice, epoch in trained.reported_epochs():
             trained.restore(epoch)
@@ -59,7 +60,7 @@ def run_replicate(run: Run, method: Method, replicate: int) -> list[Row]:
                              selection=choice, **budget, **cost))
         return rows
     finally:
-        parts.close()
+        run.close(parts)
 
 
 def run_method(run: Run, method: Method) -> tuple[list[Row], list[Row]]:
@@ -91,7 +92,7 @@ def data_efficiency(run: Run) -> list[dict[str, Any]]:
                 seconds.append(trained.result.seconds)
                 epochs.append(trained.selected_epoch)
             finally:
-                parts.close()
+                run.close(parts)
         points.append(efficiency_point(run.label(method), point["samples"], point["epochs"], epochs, run.task.metric,
                                        scores, seconds))
     return points
@@ -148,10 +149,11 @@ def train(config: RunConfig, restart: bool = False) -> dict[str, Any]:
         try:
             trained = run.train_and_select(method, parts, run.output_dir / "train", seeds)
             trained.restore(trained.selected_epoch)
-            if run.main:
-                parts.adapter.save_pretrained(run.output_dir / "adapter")
+            with whole_parameters(parts.adapter):
+                if run.main:
+                    parts.adapter.save_pretrained(run.output_dir / "adapter")
         finally:
-            parts.close()
+            run.close(parts)
         summary = {**run.report_header(), "train": trained.result.to_dict(), "selected_epoch": trained.selected_epoch,
                    "adapter": str(run.output_dir / "adapter")}
         if run.main:
@@ -192,7 +194,7 @@ def evaluate_config(config: RunConfig, adapter: str | None = None) -> dict[str, 
                              "unlabelled_examples": trained_on.get("unlabelled_examples")} if parts.adapter else {})
                     mine.append(_row(run, method, method.label, evaluation, replicate, **size))
                 finally:
-                    parts.close()
+                    run.close(parts)
             replicates += mine
             rows += aggregate(mine)
         results = _results(run, rows, replicates, [])

@@ -24,11 +24,12 @@ from typing import Any, Iterator
 
 import torch
 import transformers
+from torch.distributed.tensor import DTensor
 
 from .backbones import Backbone, load_backbone
 from .backbones.identity import backbone_identity
-from .checkpoints import epoch_artifact
-from .distributed import process_state, refuse_sharding_engines
+from .checkpoints import epoch_weights
+from .distributed import check_engine, process_state, set_whole_, shard_for_evaluation, sharding_engine
 from .evaluator import EvalResult, evaluate
 from .io import atomic_write_json, folder_lock
 from .methods import Method, Parts, distinct_labels, get_method
@@ -92,10 +93,32 @@ class Run:
                                      "needs a single process (accelerate fixes the precision of a launched run); "
                                      "set train.mixed_precision for the whole run instead.")
         if trains and any(method.trainable for method in self.methods):
-            refuse_sharding_engines()  # before minutes of loading a backbone too large for one device
-        self.backbone: Backbone = load_backbone(config.backbone, config.dtype, config.chat_template)
-        self.backbone.model.to(self.state.device)
+            check_engine()  # before minutes of loading a backbone too large for one device
+        self._backbone: Backbone | None = self._load_backbone()
         self.backbone_identity = backbone_identity(config.backbone, self.backbone.model)
+        self.backbone_name = self.backbone.name
+
+    def _load_backbone(self) -> Backbone:
+        """The backbone on this process's device; under FSDP2 where it loaded (the CPU), until the engine shards it
+        onto the devices (training, or `shard_for_evaluation`): it is never whole on one device."""
+        backbone = load_backbone(self.config.backbone, self.config.dtype, self.config.chat_template)
+        if sharding_engine() != "FSDP":
+            backbone.model.to(self.state.device)
+        return backbone
+
+    @property
+    def backbone(self) -> Backbone:
+        """The run's backbone, loaded anew when a sharding engine (FSDP2) sharded the last one in place."""
+        if self._backbone is None:
+            self._backbone = self._load_backbone()
+        return self._backbone
+
+    def close(self, parts: Parts) -> None:
+        """Give the backbone back as it was after a method's parts are done: their adapter removed, and a backbone
+        that a sharding engine sharded in place released (the next method loads it whole again)."""
+        parts.close()
+        if any(isinstance(p, DTensor) for p in self._backbone.model.parameters()):
+            self._backbone = None
 
     def _budget(self, split: str, requested: int | None) -> int | None:
         """How many examples of `split` the run uses: `requested`, clipped (with a warning) to what the split
@@ -214,6 +237,7 @@ class Run:
 
     # -------------------------------------------------------------------------------------------- eval
     def evaluate_parts(self, parts: Parts, folder: Path, label: str) -> EvalResult:
+        shard_for_evaluation(parts.model, self.config.train.mixed_precision)  # under FSDP2: never whole on a device
         evaluation = evaluate(parts.model, parts.prompter, self.backbone, self.task, self.test_examples,
                               self.config.eval, progress=self.config.progress, desc=label)
         if self.main:
@@ -228,11 +252,11 @@ class Run:
     def report_header(self) -> dict[str, Any]:
         return {
             "config": self.config.to_dict(), "task": self.task.name, "metric": self.task.metric,
-            "backbone": self.backbone.name, "num_train": len(self.train_examples),
+            "backbone": self.backbone_name, "num_train": len(self.train_examples),
             "num_validation": len(self.validation_examples), "num_test": len(self.test_examples),
             "seeds": self.replicate_seeds,
             "environment": {"torch": torch.__version__, "transformers": transformers.__version__,
-                            "device": str(self.backbone.device), "processes": self.state.num_processes,
+                            "device": str(self.state.device), "processes": self.state.num_processes,
                             "threads": torch.get_num_threads(), "machine": platform.machine(),
                             "python": platform.python_version()},
             "date": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -262,8 +286,11 @@ class Trained:
         return [(EpochChoice.SELECTED, best), (EpochChoice.LAST, last)]
 
     def restore(self, epoch: int) -> None:
-        """Set the adapter's weights to those saved at the end of `epoch`."""
-        self.adapter.restore_weights(epoch_artifact(self.folder, epoch))
+        """Set the adapter's trainable weights to those saved at the end of `epoch` (on every process; a sharded
+        weight takes its shard)."""
+        params = dict(self.adapter.named_parameters())
+        for name, value in epoch_weights(self.folder, epoch).items():
+            set_whole_(params[name], value)
 
 
 def build_method(spec: dict[str, Any]) -> Method:

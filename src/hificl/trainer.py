@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from .checkpoints import (EPOCH_PREFIX, STEP_PREFIX, DamagedCheckpointError, Position, check_resumable,
                           damaged_checkpoints, discard_checkpoints, list_checkpoints, read_checkpoint, read_state,
                           write_checkpoint)
-from .distributed import accelerator_for
+from .distributed import accelerator_for, is_sharded, prepare_sharded, whole, whole_parameters
 from .io import atomic_write_json, remove_folder
 from .memory import peak_memory_mb, reset_peak_memory
 from .settings import Selection, TrainConfig
@@ -116,6 +116,7 @@ class TrainResult:
     timed_seconds: float = 0.0
     peak_memory_mb: float = 0.0
     processes: int = 1
+    engine: str = "single process"  # or "DDP", "FSDP2": how the processes shared the model
     examples_per_process: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -198,11 +199,11 @@ class Trainer:
         self.fingerprint = json.loads(json.dumps(checkpoints.fingerprint or {}, default=str))
         self.accelerator = accelerator_for(config.mixed_precision, config.log_with, self.output_dir)
         kind = self.accelerator.distributed_type
-        if kind not in (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU):
-            raise ValueError(f"hificl trains on one process or several with DDP (multi-GPU, or gloo on CPUs); this "
-                             f"run is configured for {kind.value}. Launch it with plain DDP (e.g. `accelerate launch "
-                             "--multi_gpu ...` or `torchrun ...`): the frozen backbone is replicated, only the "
-                             "adapter's small gradients are exchanged.")
+        if kind not in (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU,
+                        DistributedType.FSDP) or (kind == DistributedType.FSDP and not self.accelerator.is_fsdp2):
+            raise ValueError(f"hificl trains on one process, or on several with DDP or FSDP2; this run is configured "
+                             f"for {kind.value}{' (FSDP1)' if kind == DistributedType.FSDP else ''}. Launch it with "
+                             "DDP (`accelerate launch --multi_gpu ...`, `torchrun ...`) or FSDP2 (fsdp_version: 2).")
         self.processes = self.accelerator.num_processes
         self.unwrapped = model
         self.params = _trainable(model)
@@ -214,6 +215,10 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: cosine_with_warmup(step, self.total_steps, self.warmup_steps))
         self.model, self.optimizer = self.accelerator.prepare(model, self.optimizer)
+        self.sharded = is_sharded(self.accelerator)
+        if self.sharded:  # FSDP2 sharded the model in place: its parameters are now shards (DTensors)
+            self.params = _trainable(model)
+            prepare_sharded(model)  # validation and evaluation generate sharded
 
     def _groups(self, param_groups: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
         """Optimiser groups in a fixed order (checkpoints map optimiser state by parameter name)."""
@@ -263,14 +268,21 @@ class Trainer:
                 "examples": len(self.examples)}
 
     def _save_checkpoint(self, name: str, position: Position, result: TrainResult, artifact: bool) -> None:
-        """Write ``<name>/`` (main process only); never weights that are not finite."""
-        if not all(torch.isfinite(p).all() for p in self.params.values()):
+        """Write ``<name>/``: every process gathers the whole trainable weights and optimiser state (shards under
+        FSDP2), the main process writes them once; never weights that are not finite."""
+        weights = {n: whole(p).cpu() for n, p in self.params.items()}
+        if not all(torch.isfinite(w).all() for w in weights.values()):
             raise NonFiniteLossError(f"The trainable weights hold NaN or inf after step {result.steps}; nothing "
                                      "is saved from here on. Lower train.lr or train.max_grad_norm.")
-        if self.accelerator.is_main_process:
-            write_checkpoint(self.output_dir / name, self.params, self._ordered_names, self.optimizer, self.scheduler,
-                             {**self._state(), "position": asdict(position), "result": result.to_dict()},
-                             self.save_artifact if artifact else None)
+        optimizer = self.optimizer.state_dict()
+        optimizer["state"] = {index: {k: whole(v).cpu() if torch.is_tensor(v) else v for k, v in slots.items()}
+                              for index, slots in sorted(optimizer["state"].items())}
+        with whole_parameters(self.unwrapped) if artifact else contextlib.nullcontext():
+            if self.accelerator.is_main_process:
+                write_checkpoint(self.output_dir / name, weights, self._ordered_names, optimizer,
+                                 self.scheduler.state_dict(),
+                                 {**self._state(), "position": asdict(position), "result": result.to_dict()},
+                                 self.save_artifact if artifact else None)
         self.accelerator.wait_for_everyone()
 
     def latest_checkpoint(self) -> Path | None:
@@ -333,6 +345,7 @@ class Trainer:
         position, result = Position(), TrainResult(processes=self.processes)
         if resume:
             position, result = self._resume() or (position, result)
+        result.engine = "FSDP2" if self.sharded else "DDP" if self.processes > 1 else "single process"
         main = self.accelerator.is_main_process
         if self.config.log_with:
             self.accelerator.init_trackers("hificl", config=self.config.optimisation())

@@ -46,6 +46,11 @@ class AdapterModel(nn.Module, ABC):
         self.base_model = base_model
         self._frozen = freeze(base_model)
 
+    @property
+    def _no_split_modules(self) -> list[str] | None:
+        """The base model's layer classes a sharding engine wraps as units (FSDP2's transformer-based wrap)."""
+        return getattr(self.base_model, "_no_split_modules", None)
+
     # ----------------------------------------------------------------------- to implement
     @property
     @abstractmethod

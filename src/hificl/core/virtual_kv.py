@@ -6,7 +6,6 @@ import torch
 from torch import nn
 
 
-
 class VirtualKV(nn.Module):
     """Virtual keys ``K_A @ K_B`` and values ``V_A @ V_B`` for every query head of one layer.
 
@@ -15,8 +14,11 @@ class VirtualKV(nn.Module):
     keys and values, both ``[heads, n, head_dim]``, cast to the requested dtype. When no gradient can flow (eval
     under ``torch.no_grad`` / inference mode, or frozen factors), the products are computed once and cached until
     a factor changes (tracked through the tensors' version counters), so generation does not recompute them at
-    every step or layer call.
+    every step or layer call. A sharding engine that gathers the factors into the same storage for every forward
+    without a new version (FSDP2) turns the cache off (`cache_products`).
     """
+
+    cache_products = True  # the engine's switch: False recomputes the products at every call
 
     def __init__(self, num_heads: int, head_dim: int, config, generator: torch.Generator | None = None):
         """`config` holds the settings (`hificl.tuner.HiFICLConfig`: n, r, the initial standard deviations, the
@@ -55,7 +57,7 @@ class VirtualKV(nn.Module):
         params = tuple(self._parameters.values())  # this module's own factors (it has no children): no recursion
         dtype = dtype or params[0].dtype
         needs_graph = torch.is_grad_enabled() and any(p.requires_grad for p in params)
-        if needs_graph:
+        if needs_graph or not self.cache_products:
             self._cache.clear()
             keys, values = self._products()
             return keys.to(dtype), values.to(dtype)
