@@ -46,12 +46,13 @@ def _guarded_task(colour_task, seed, pool_size):
                             "test": [Guarded(e) for e in test], "validation": [Guarded(e) for e in train[:4]]})
 
 
-def test_no_training_label_is_read(tiny_vlm, colour_task, tmp_path):
+@pytest.mark.parametrize("options", [{}, {"align_weight": 0.5}])
+def test_no_training_label_is_read(tiny_vlm, colour_task, tmp_path, options):
     register_task("guarded-colours", lambda seed, **options: _guarded_task(colour_task, seed, 2), replace=True)
     config = RunConfig.from_dict({
         "backbone": tiny_vlm, "output_dir": str(tmp_path), "progress": False, "validation_samples": 4,
         "task": {"name": "guarded-colours"}, "methods": [{"name": "distill", "shots": 2, "draws": 2,
-                                                         "value_b_std": 0.3}],
+                                                         "value_b_std": 0.3, **options}],
         "train": {"epochs": 2, "batch_size": 4, "grad_accum": 1, "lr": 0.05}, "eval": {"max_new_tokens": 3}})
     summary = pipeline.train(config)  # every answer outside the labelled pool raises when read
     assert summary["train"]["steps"] == 2 * 6 and summary["train"]["best_epoch"] is None, "no labelled validation"
@@ -236,3 +237,52 @@ def test_a_students_options_are_its_methods_and_its_objectives_are_refused():
         get_method("distill", student="lora", init="demonstrations")
     with pytest.raises(ValueError, match="distill: student"):
         get_method("distill", student="distill")
+    with pytest.raises(ValueError, match="its own distillation objective.*align_weight must be 0"):
+        get_method("distill", student="mimic", align_weight=1.0)
+    assert "align_weight" not in get_method("distill").options, "the ids of runs before the option stay"
+
+
+def test_the_attention_alignment_term_is_the_mean_squared_error_of_the_aligned_attention_outputs(setting):
+    """align_weight x (mean over layers of the squared error, averaged over the aligned positions and features,
+    between the student's attention outputs and the teacher's), restated here with hooks of the test's own."""
+    backbone, task = setting
+    parts = get_method("distill", shots=2, align_weight=0.5, value_b_std=0.3).build(backbone, task, Seeds(0, 0))
+    try:
+        queries = [unlabelled(e) for e in task.splits["train"]][6:9]
+        batches = parts.objective.batch(queries)
+        terms = parts.objective.terms(parts.model, batches)
+        assert len(terms) == 2 and terms[1][0] == 0.5
+        modules = parts.adapter.routing.attention_modules
+        seen = {"student": [], "teacher": []}
+
+        def hooks(into):
+            return [m.register_forward_hook(lambda _m, _i, out: into.append(out[0].detach().double()))
+                    for m in modules]
+
+        batch = batches[0]
+        handles = hooks(seen["student"])
+        with torch.no_grad():
+            parts.model(**batch.student)
+        for h in handles:
+            h.remove()
+        handles = hooks(seen["teacher"])
+        with torch.no_grad(), parts.adapter.disable_adapter():
+            parts.model(**batch.teacher)
+        for h in handles:
+            h.remove()
+        mask = batch.student["attention_mask"]
+        per_layer = []
+        for s, t in zip(seen["student"], seen["teacher"]):
+            errors = []
+            for row in range(s.shape[0]):
+                first_real = int(mask[row].nonzero().min())
+                for j in range(int(batch.starts[row]), int(mask[row].sum())):
+                    if j == first_real:
+                        continue
+                    errors.append(((s[row, j] - t[row, int(batch.offsets[row]) + j]) ** 2).mean())
+            per_layer.append(torch.stack(errors).mean())
+        expected = torch.stack(per_layer).mean()
+        torch.testing.assert_close(terms[1][1].double(), expected, rtol=1e-5, atol=1e-8)
+        assert parts.objective.counts(batches)[-1] == int(batch.aligned().sum())
+    finally:
+        parts.close()

@@ -16,7 +16,7 @@ from .attention_capture import capture_attention
 from .distributed import is_sharded_model, process_state
 from .generation import generate_answers
 from .objectives import (Teacher, TeacherBatch, TeacherMLPAlignment, TeacherObjective, answer_positions,
-                         answer_tokens, shared_tails)
+                         answer_tokens, capture_outputs, layer_mse, shared_tails)
 from .tasks import Example, Query
 
 
@@ -83,11 +83,17 @@ class TeacherAnswers:
 
 class TeacherAnswerKL(TeacherObjective):
     """KL(teacher || student) at the positions predicting the teacher's own greedy answer (+ ``ce_weight`` x CE
-    on it); the teacher an ensemble of `teachers` (their next-token distributions averaged)."""
+    on it); the teacher an ensemble of `teachers` (their next-token distributions averaged). With ``align_weight``
+    (and the attention modules `attention` to align), plus that weight x the mean over layers of the squared error
+    between the student's attention outputs and the teacher's (averaged over its draws) at every aligned position
+    (the query's tokens and the answer's): the student is asked to compute what the teacher computes, not only to
+    answer as it does."""
 
-    def __init__(self, backbone, task, prompter, answers: TeacherAnswers, ce_weight: float = 0.0):
+    def __init__(self, backbone, task, prompter, answers: TeacherAnswers, ce_weight: float = 0.0,
+                 align_weight: float = 0.0, attention: list[nn.Module] | None = None):
         super().__init__(backbone, task, prompter, answers.teachers[0])
         self.answers, self.teachers, self.ce_weight = answers, answers.teachers, ce_weight
+        self.align_weight, self.attention = align_weight, list(attention or []) if align_weight else []
 
     def prepare(self, items: list[Query], progress: bool = True) -> None:
         self.answers.prepare(items, progress)
@@ -101,22 +107,29 @@ class TeacherAnswerKL(TeacherObjective):
     def counts(self, batches: list[TeacherBatch]) -> list[int]:
         first = batches[0]
         where = answer_positions(first.student["labels"]) & first.aligned()
-        return [int(where.sum())] + ([answer_tokens(first.student["labels"])] if self.ce_weight else [])
+        return [int(where.sum())] + ([answer_tokens(first.student["labels"])] if self.ce_weight else []) + (
+            [int(first.aligned().sum())] if self.align_weight else [])
 
     def terms(self, model: nn.Module, batches: list[TeacherBatch]) -> list[tuple[float, torch.Tensor]]:
         first = batches[0]
-        out = model(**first.student)
-        probs = None
+        with capture_outputs(self.attention) as student_hidden:
+            out = model(**first.student)
+        probs, hidden = None, None
         for batch in batches:
-            logits, _ = Teacher.run(model, batch)
+            logits, outputs = Teacher.run(model, batch, self.attention)
             p = torch.softmax(batch.align(logits).float(), -1)
             probs = p if probs is None else probs + p
+            aligned = [batch.align(h).float() / len(batches) for h in outputs]
+            hidden = aligned if hidden is None else [a + b for a, b in zip(hidden, aligned)]
         probs = probs / len(batches)
         where = answer_positions(first.student["labels"]) & first.aligned()
         teacher_log = torch.log(probs[where].clamp_min(1e-30))
         student_log = torch.log_softmax(out.logits[where].float(), -1)
         kl = (probs[where] * (teacher_log - student_log)).sum(-1).mean()
-        return [(1.0, kl)] + ([(self.ce_weight, out.loss)] if self.ce_weight else [])
+        terms = [(1.0, kl)] + ([(self.ce_weight, out.loss)] if self.ce_weight else [])
+        if self.align_weight:
+            terms.append((self.align_weight, layer_mse(hidden, student_hidden, first.aligned())))
+        return terms
 
     def set_epoch(self, epoch: int) -> None:
         for teacher in self.teachers:

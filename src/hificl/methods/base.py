@@ -18,6 +18,7 @@ from ..core.validate import unknown_options
 from ..distillation import TeacherAnswerKL, TeacherAnswers
 from ..objectives import AnswerLoss
 from ..prompting import Prompter
+from ..routing import find_language_model
 from ..seeding import Seeds
 from ..tasks import Task
 
@@ -153,10 +154,12 @@ class Method:
         return []
 
     def distillation_objective(self, backbone: Backbone, task: Task, prompter: Prompter, adapter: AdapterModel,
-                               answers: TeacherAnswers, ce_weight: float):
+                               answers: TeacherAnswers, ce_weight: float, align_weight: float = 0.0):
         """What the method's adapter minimises as a distillation student (`hificl.methods.distill`): by default the
-        KL divergence from the k-shot teacher where its own answer is predicted."""
-        return TeacherAnswerKL(backbone, task, prompter, answers, ce_weight)
+        KL divergence from the k-shot teacher where its own answer is predicted (and, with `align_weight`, the
+        alignment of the language model's attention outputs with the teacher's)."""
+        attention = find_language_model(backbone.model).attention_modules if align_weight else None
+        return TeacherAnswerKL(backbone, task, prompter, answers, ce_weight, align_weight, attention)
 
     def load(self, backbone: Backbone, task: Task, seeds: Seeds, folder) -> Parts:
         """The parts of a trained method around the adapter saved in `folder` (for evaluation)."""

@@ -34,7 +34,8 @@ from .base import Method
 class Distill(Method):
     """Options: ``shots`` (k, the demonstrations in a teacher context), ``labelled`` (the labelled examples in
     all, the pool the demonstrations come from; default k), ``selection`` ("random" or "retrieval"), ``draws``
-    (teacher contexts averaged: an ensemble), ``ce_weight``, ``init`` ("random" or "demonstrations", HiFICL
+    (teacher contexts averaged: an ensemble), ``ce_weight``, ``align_weight`` (the attention outputs aligned with
+    the teacher's, `hificl.distillation.TeacherAnswerKL`), ``init`` ("random" or "demonstrations", HiFICL
     students), ``student`` (a trained method: "hificl", "live", "mimic", "lora", ...) and the student method's own
     options except those of its objective (for HiFICL, any `HiFICLConfig` field: num_virtual_tokens, rank, ...)."""
 
@@ -43,7 +44,8 @@ class Distill(Method):
     unlabelled = True  # trains on queries without their answers
 
     def __init__(self, shots: int = 8, labelled: int | None = None, selection: str = "random", draws: int = 1,
-                 ce_weight: float = 0.0, init: str = "random", student: str = "hificl", **options: Any):
+                 ce_weight: float = 0.0, init: str = "random", student: str = "hificl", align_weight: float = 0.0,
+                 **options: Any):
         super().__init__()
         students = _students()
         name = choice(student, "distill: student", sorted(students))
@@ -73,6 +75,10 @@ class Distill(Method):
         self.selection = choice(selection, "distill: selection", ("random", "retrieval"))
         self.draws = integer(draws, "distill: draws")
         self.ce_weight = float(number(ce_weight, "distill: ce_weight"))
+        self.align_weight = float(number(align_weight, "distill: align_weight"))
+        if self.align_weight and students[name].distillation_objective is not Method.distillation_objective:
+            raise ValueError(f"distill: a {self.student.label} student learns by its own distillation objective, "
+                             "which takes no attention alignment: align_weight must be 0.")
 
     @classmethod
     def option_names(cls) -> list[str]:
@@ -84,7 +90,8 @@ class Distill(Method):
     def options(self) -> dict[str, Any]:
         student = {k: v for k, v in self.student.options.items() if k not in self.student.objective_options}
         return {"shots": self.shots, "labelled": self.labelled, "selection": self.selection, "draws": self.draws,
-                "ce_weight": self.ce_weight, "init": self.init, "student": self.student.name, **student}
+                "ce_weight": self.ce_weight, "init": self.init, "student": self.student.name,
+                **({"align_weight": self.align_weight} if self.align_weight else {}), **student}
 
     @property
     def label(self) -> str:
@@ -95,6 +102,8 @@ class Distill(Method):
             parts.append(f"ensemble of {self.draws}")
         if self.init != "random":
             parts.append(f"init {self.init}")
+        if self.align_weight:
+            parts.append(f"attention aligned x{self.align_weight:g}")
         student = "" if self.student.name == "hificl" else f"{self.student.label} "
         return f"{student}distilled ({', '.join(parts)})"
 
@@ -126,7 +135,8 @@ class Distill(Method):
             queries = [unlabelled(e) for e in task.subset("train", self.labelled + 4, seeds.data)[self.labelled:]]
             initialise_from_demonstrations(adapter, backbone, teachers[0], task, queries)
         answers = TeacherAnswers(backbone, task, teachers, adapter)
-        return self.student.distillation_objective(backbone, task, prompter, adapter, answers, self.ce_weight)
+        return self.student.distillation_objective(backbone, task, prompter, adapter, answers, self.ce_weight,
+                                                   self.align_weight)
 
     def data_budget(self, train_examples: int) -> dict[str, int]:
         return {"labelled": self.labelled, "unlabelled": train_examples}

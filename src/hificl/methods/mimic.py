@@ -63,6 +63,8 @@ class MimIC(Method):
     def param_groups(self) -> list[dict[str, Any]]:
         return [{"params": ["shifts.bias"], "weight_decay": 0.0}]
 
-    def distillation_objective(self, backbone, task, prompter, adapter, answers, ce_weight) -> TeacherAnswerAlignment:
-        """MimIC's layer-wise alignment with the teacher, on the teacher's own answers (one teacher context)."""
+    def distillation_objective(self, backbone, task, prompter, adapter, answers, ce_weight,
+                               align_weight: float = 0.0) -> TeacherAnswerAlignment:
+        """MimIC's layer-wise alignment with the teacher, on the teacher's own answers (one teacher context); it
+        aligns MLP outputs already, so it takes no attention alignment."""
         return TeacherAnswerAlignment(backbone, task, prompter, answers, adapter.routing.mlps(), ce_weight)
