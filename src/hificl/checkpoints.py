@@ -102,11 +102,6 @@ def damaged_checkpoints(folder: Path) -> list[DamagedCheckpointError]:
     return errors
 
 
-def epoch_artifact(folder: Path, epoch: int) -> Path:
-    """Where the checkpoint of `epoch` in `folder` holds the method's own files (its adapter)."""
-    return folder / f"{EPOCH_PREFIX}{epoch}" / ARTIFACT
-
-
 def epoch_weights(folder: Path, epoch: int) -> dict[str, torch.Tensor]:
     """The whole trainable weights saved at the end of `epoch` in `folder`, by parameter name."""
     return _read_tensors(folder / f"{EPOCH_PREFIX}{epoch}" / "trainable.safetensors")
@@ -191,5 +186,5 @@ def discard_checkpoints(folder: Path) -> None:
         remove_folder(path)
 
 
-__all__ = ["ARTIFACT", "DamagedCheckpointError", "damaged_checkpoints", "epoch_artifact", "epoch_weights", "EPOCH_PREFIX", "STEP_PREFIX", "Position", "ResumeMismatchError", "check_resumable", "discard_checkpoints",
+__all__ = ["ARTIFACT", "DamagedCheckpointError", "damaged_checkpoints", "epoch_weights", "EPOCH_PREFIX", "STEP_PREFIX", "Position", "ResumeMismatchError", "check_resumable", "discard_checkpoints",
            "list_checkpoints", "read_checkpoint", "write_checkpoint"]
