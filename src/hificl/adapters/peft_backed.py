@@ -12,7 +12,7 @@ import copy
 import dataclasses
 from abc import abstractmethod
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from peft import LoraConfig, PeftConfig, get_peft_model
@@ -23,7 +23,6 @@ from transformers import PreTrainedModel
 from ..core import PROVIDER_ATTR, AdapterMismatchError, VirtualKV
 from ..routing import ModelShape, RoutedAttention, find_language_model
 from ..tuner import HiFICLConfig, HiFICLTuner
-from ..tuner.config import HIFICL_FIELDS
 from ..tuner.layer import BASE_ROW
 from .base import AdapterModel, check_saved_type, register_adapter, training_record
 from .files import (CONFIG_NAME, DEFAULT_ADAPTER, WEIGHTS_NAME, adapter_folder, check_tensors, read_adapter_config,
