@@ -129,6 +129,21 @@ def test_fsdp2_comparison_predicts_what_one_process_predicts(config_file, tmp_pa
     assert next(r for r in rows if r["settings"]["name"] == "hificl")["engine"] == "FSDP2"
 
 
+def test_fsdp2_evaluates_a_saved_adapter_as_one_process_does(config_file, tmp_path):
+    """`hificl eval --adapter` under FSDP2: the loaded adapter model is sharded for its evaluation (the backbone
+    never whole on a device) and predicts the single process's answers."""
+    run_ok([PYTHON, "-m", "hificl.cli", "train", "--config", config_file, "--set", "train.epochs=1",
+            "--set", "methods=[{name: hificl, value_b_std: 0.3}]", "--output-dir", str(tmp_path / "train")])
+    common = ["eval", "--config", config_file, "--set", "methods=[{name: hificl}]",
+              "--adapter", str(tmp_path / "train" / "adapter")]
+    run_ok([PYTHON, "-m", "hificl.cli", *common, "--output-dir", str(tmp_path / "one")])
+    sharded = run_ok(_fsdp2(*common, "--output-dir", str(tmp_path / "two")), **FSDP2)
+    assert "sharded over 2 processes for its evaluation" in sharded.stderr
+    read = [[(p["id"], p["raw"]) for f in sorted((tmp_path / run).glob("hificl-*/**/predictions.jsonl"))
+             for p in map(json.loads, f.read_text().splitlines())] for run in ("one", "two")]
+    assert read[0] == read[1] and len(read[0]) == 7
+
+
 def test_the_packaged_fsdp2_config_launches_hificl(config_file, tmp_path):
     """`accelerate launch --config_file accelerate/fsdp2.yaml` (2 processes here, no mixed precision on a CPU)."""
     config = Path(__file__).parents[1] / "accelerate" / "fsdp2.yaml"

@@ -5,6 +5,7 @@ backbone (DDP) or sharding it (FSDP2); which launches hificl runs is checked bef
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -17,6 +18,7 @@ from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType
 
+logger = logging.getLogger(__name__)
 SHARDING_ENGINES = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed"}
 
 
@@ -81,8 +83,10 @@ def shard_for_evaluation(model: nn.Module, mixed_precision: str) -> None:
     backbone on one device. A no-op for other launches and for a model already sharded."""
     if sharding_engine() != "FSDP" or is_sharded_model(model):
         return
-    accelerator_for(mixed_precision).prepare_model(model, evaluation_mode=True)
+    accelerator = accelerator_for(mixed_precision)
+    accelerator.prepare_model(model, evaluation_mode=True)
     prepare_sharded(model)
+    logger.info("the model is sharded over %d processes for its evaluation (FSDP2)", accelerator.num_processes)
 
 
 def prepare_sharded(model: nn.Module) -> None:
