@@ -28,6 +28,7 @@ KV cache once.
 
 from __future__ import annotations
 
+import functools
 import logging
 import weakref
 
@@ -46,12 +47,17 @@ def repeat_kv(hidden: torch.Tensor, groups: int) -> torch.Tensor:
     return hidden[:, :, None].expand(batch, heads, groups, length, dim).reshape(batch, heads * groups, length, dim)
 
 
-def plain_sdpa(module, query, key, value, attention_mask, **kwargs) -> tuple[torch.Tensor, None]:
-    """transformers' own SDPA attention function (imported on first use: importing `hificl.core` loads no
-    transformers, so the command line starts fast)."""
+@functools.cache
+def _transformers_sdpa():
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    return sdpa_attention_forward
+
+
+def plain_sdpa(module, query, key, value, attention_mask, **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers' own SDPA attention function (imported on first use, then kept: importing `hificl.core` loads
+    no transformers, so the command line starts fast, and no attention call pays for an import statement)."""
+    return _transformers_sdpa()(module, query, key, value, attention_mask, **kwargs)
 
 
 def with_visible_columns(mask: torch.Tensor, n: int, kv_length: int) -> torch.Tensor:
