@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     from .report import markdown_table, plot_name
 
     previous_sigterm = _stop_on_sigterm()
+    finished = False  # a process that failed alone must not wait for the others
     try:
         with logging_redirect_tqdm(loggers=[logging.getLogger("hificl")]):
             if args.command == "compare":
@@ -147,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
                 summary = pipeline.train(config, restart=args.restart)
                 if main_process:
                     print(f"adapter (epoch {summary['selected_epoch']}) saved to {summary['adapter']}")
+                finished = True
                 return 0
             elif args.command == "inspect":
                 report = inspect_adapter(config, args.adapter, args.queries)
@@ -154,9 +156,11 @@ def main(argv: list[str] | None = None) -> int:
                     print((Path(config.output_dir) / "inspect.md").read_text())
                     print(f"inspection of {report['method']}: {config.output_dir}/inspect.json, inspect.md, "
                           "virtual_share.png")
+                finished = True
                 return 0
             else:
                 results = pipeline.evaluate_config(config, args.adapter)
+        finished = True
     except (ValueError, OSError, ImportError, RuntimeError) as error:
         print(f"hificl: error: {error}", file=sys.stderr)
         return 2
@@ -170,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, previous_sigterm)
+        if finished:
+            _close_process_group()
     if not main_process:
         return 0
     print()
@@ -177,6 +183,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"results: {config.output_dir}/results.json, results.md, {plot_name(results)}"
           + (", data_efficiency.png" if results.get("data_efficiency") else ""))
     return 0
+
+
+def _close_process_group() -> None:
+    """End a launched run's process group once every process got here (torch asks for it: a group left to the
+    interpreter's exit can abort a process while its communication threads still run)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
