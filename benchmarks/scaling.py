@@ -5,15 +5,16 @@ per GPU) and on a CPU (gloo processes).
 
     python benchmarks/scaling.py                          # 1 and 2 processes, the embedded default, 2 threads
     python benchmarks/scaling.py --processes 1 2 4 8      # on a machine with 8 GPUs
-    python benchmarks/scaling.py --engine ddp fsdp2 --random-backbone 1024 16 --config embedded-text-capitals
+    python benchmarks/scaling.py --engine ddp fsdp2 zero3 --random-backbone 1024 16 --config embedded-text-capitals
 
-With ``--engine`` it compares the engines on the largest process count instead: DDP (the backbone replicated)
-and FSDP2 (sharded), each process reporting the bytes of the model's weights it holds after the engine prepared
-it (its shards under FSDP2), its peak resident memory (on a CPU: the whole backbone is loaded before it is
-sharded, so this peak does not shrink), and training samples per second beside DDP's. ``--random-backbone
-HIDDEN LAYERS`` swaps the config's backbone for a randomly initialised Llama of that width and depth with
-SmolLM2's tokenizer (a few hundred million parameters at 1024 x 16). On a CPU, FSDP2 runs with accelerate's
-state set as a GPU launch would (`tools/fsdp_on_cpu.py`).
+With ``--engine`` it compares the engines on the largest process count instead: DDP (the backbone replicated),
+FSDP2 and DeepSpeed ZeRO-3 (sharded; ZeRO-2: replicated, the adapter's state partitioned), each process reporting
+the bytes of the model's weights it holds after the engine prepared it (its shards under FSDP2, its partitions
+under ZeRO-3), its peak resident memory (on a CPU: the whole backbone is loaded before it is sharded, so this peak
+does not shrink), and training samples per second beside DDP's. ``--random-backbone HIDDEN LAYERS`` swaps the
+config's backbone for a randomly initialised Llama of that width and depth with SmolLM2's tokenizer (a few hundred
+million parameters at 1024 x 16). On a CPU, FSDP2 and DeepSpeed run with accelerate's state set as a GPU launch
+would (`tools/engine_on_cpu.py`; DeepSpeed with ``DS_ACCELERATOR=cpu``).
 
 On a CPU the processes share the cores: give each `--threads` (default: the cores divided by the largest process
 count), so that 1 and N processes use the same cores and the ratio shows what splitting the work buys.
@@ -37,9 +38,9 @@ def worker(args) -> None:
 
     import torch
 
-    if args.engine == "fsdp2" and not torch.cuda.is_available():
+    if args.engine in SHARDING and not torch.cuda.is_available():
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        from tools.fsdp_on_cpu import act_as_on_accelerators
+        from tools.engine_on_cpu import act_as_on_accelerators
 
         act_as_on_accelerators()
 
@@ -58,7 +59,7 @@ def worker(args) -> None:
     task = get_task(config.task["name"], seed=config.seed, **{k: v for k, v in config.task.items() if k != "name"})
     backbone = load_backbone(args.backbone or config.backbone, config.dtype)
     parameters = sum(p.numel() for p in backbone.model.parameters())
-    if args.engine != "fsdp2":
+    if args.engine not in ("fsdp2", "zero3"):  # those shard it from where it loaded
         backbone.model.to(state.device)
     parts = get_method("hificl").build(backbone, task, Seeds(config.seed, config.seed))
     train = TrainConfig(epochs=1, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=1e-3,
@@ -66,8 +67,7 @@ def worker(args) -> None:
     examples = task.subset("train", (args.steps + 1) * args.batch_size * args.grad_accum, config.seed)
     with tempfile.TemporaryDirectory() as folder:
         result = Trainer(parts.model, parts.objective, examples, train, 0, folder, progress=False).train()
-    held = sum((p.to_local() if hasattr(p, "to_local") else p).numel() * p.element_size()
-               for p in parts.model.parameters())  # this process's weights: its shards under FSDP2
+    held = sum(_local(p).numel() * p.element_size() for p in parts.model.parameters())
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     queries = task.subset("test", args.queries, config.seed)
     generation = GenerationConfig(batch_size=args.eval_batch_size)
@@ -90,6 +90,19 @@ def worker(args) -> None:
             "train_seconds_per_step": result.seconds_per_step, "train_samples_per_second": effective / result.seconds_per_step,
             "examples_per_process": result.examples_per_process, "eval_queries": len(queries),
             "eval_seconds": wall, "eval_queries_per_second": len(queries) / wall}))
+
+
+SHARDING = {"fsdp2": {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP"},
+            "zero2": {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"},
+            "zero3": {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",
+                      "ACCELERATE_DEEPSPEED_ZERO3_INIT": "false"}}
+
+
+def _local(param):
+    """What this process holds of a parameter: its FSDP2 shard, its ZeRO-3 partition, or all of it."""
+    if hasattr(param, "to_local"):
+        return param.to_local()
+    return param.ds_tensor if hasattr(param, "ds_tensor") else param
 
 
 def random_llama(folder: Path, hidden: int, layers: int) -> str:
@@ -119,8 +132,9 @@ def compare_engines(args) -> None:
         for engine in args.engine:
             out = Path(folder) / f"{engine}.json"
             env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-            if engine == "fsdp2":
-                env.update(ACCELERATE_USE_FSDP="true", FSDP_VERSION="2", FSDP_AUTO_WRAP_POLICY="TRANSFORMER_BASED_WRAP")
+            env.update(SHARDING.get(engine, {}))
+            if engine.startswith("zero") and not _has_cuda():
+                env["DS_ACCELERATOR"] = "cpu"
             command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
                        "--master_port", _free_port(), __file__, "--worker", "--engine", engine, "--json", str(out),
                        "--config", args.config, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
@@ -133,16 +147,22 @@ def compare_engines(args) -> None:
     print(f"\n{args.config}{' (random backbone %d x %d)' % tuple(args.random_backbone) if backbone else ''}: "
           f"{base['parameters'] / 1e6:.0f}M parameters, {processes} processes, {args.threads} thread(s) each, HiFICL "
           f"training (effective batch {args.batch_size * args.grad_accum}, {args.steps} timed steps)")
-    print(f"{'engine':>7} {'weights MiB / process':>22} {'x':>6} {'peak RSS MiB':>13} {'train samples/s':>16} "
+    print(f"{'engine':>16} {'weights MiB / process':>22} {'x':>6} {'peak RSS MiB':>13} {'train samples/s':>16} "
           f"{'x':>6} {'eval queries/s':>15}")
     for row in rows:
         weights = max(m["weights_mb"] for m in row["memory"])
-        print(f"{row['engine']:>7} {weights:>22.0f} {weights / max(m['weights_mb'] for m in base['memory']):>6.2f} "
+        print(f"{row['engine']:>16} {weights:>22.0f} {weights / max(m['weights_mb'] for m in base['memory']):>6.2f} "
               f"{max(m['peak_rss_mb'] for m in row['memory']):>13.0f} {row['train_samples_per_second']:>16.2f} "
               f"{row['train_samples_per_second'] / base['train_samples_per_second']:>6.2f} "
               f"{row['eval_queries_per_second']:>15.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _free_port() -> str:
@@ -163,7 +183,7 @@ def main() -> None:
     parser.add_argument("--eval-batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=0, help="torch threads per process (CPU)")
     parser.add_argument("--json", help="write the rows to this file (with --worker: the worker's result)")
-    parser.add_argument("--engine", nargs="+", choices=["ddp", "fsdp2"],
+    parser.add_argument("--engine", nargs="+", choices=["ddp", "fsdp2", "zero2", "zero3"],
                         help="compare these engines on the largest process count")
     parser.add_argument("--random-backbone", type=int, nargs=2, metavar=("HIDDEN", "LAYERS"),
                         help="a random Llama of this width and depth (SmolLM2's tokenizer) as the backbone")

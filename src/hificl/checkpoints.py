@@ -14,9 +14,8 @@ from typing import Any, Callable
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from torch.distributed.tensor import DTensor, distribute_tensor
 
-from .distributed import set_whole_
+from .distributed import load_optimizer_state, set_whole_
 from .io import atomic_folder, remove_folder
 
 logger = logging.getLogger(__name__)
@@ -155,22 +154,14 @@ def read_checkpoint(path: Path, params: dict[str, torch.nn.Parameter], names: li
                                   "model. Use another output folder, or --restart.")
     for name, param in params.items():
         set_whole_(param, weights[name])
-    optimizer_state: dict[int, dict[str, Any]] = {}
+    saved: dict[int, dict[str, Any]] = {}
     for key, value in list(tensors.items()) + list(state["optimizer_scalars"].items()):
         name, slot = key.split("::")
-        optimizer_state.setdefault(names.index(name), {})[slot] = _like(params[name], value)
-    current = optimizer.state_dict()["param_groups"]
-    groups = [dict(saved, params=now["params"]) for saved, now in zip(state["param_groups"], current)]
-    optimizer.load_state_dict({"state": optimizer_state, "param_groups": groups})
+        saved.setdefault(names.index(name), {})[slot] = value
+    load_optimizer_state(optimizer, [params[name] for name in names], {"state": saved,
+                                                                      "param_groups": state["param_groups"]})
     scheduler.load_state_dict(state["scheduler"])
     return state
-
-
-def _like(param: torch.Tensor, value: Any) -> Any:
-    """An optimiser state slot as its parameter holds it: this process's shard of a sharded parameter's moments."""
-    if isinstance(param, DTensor) and torch.is_tensor(value) and value.shape == param.shape:
-        return distribute_tensor(value.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
-    return value
 
 
 def _read_tensors(file: Path) -> dict[str, torch.Tensor]:

@@ -24,12 +24,13 @@ from typing import Any, Iterator
 
 import torch
 import transformers
-from torch.distributed.tensor import DTensor
 
 from .backbones import Backbone, load_backbone
 from .backbones.identity import backbone_identity
 from .checkpoints import epoch_weights
-from .distributed import check_engine, process_state, set_whole_, shard_for_evaluation, sharding_engine
+from . import zero
+from .distributed import (check_engine, is_sharded_model, keeps_backbone_off_device, process_state, set_whole_,
+                          shard_for_evaluation, sharding_engine)
 from .evaluator import EvalResult, evaluate
 from .io import atomic_write_json, folder_lock
 from .methods import Method, Parts, distinct_labels, get_method
@@ -99,25 +100,28 @@ class Run:
         self.backbone_name = self.backbone.name
 
     def _load_backbone(self) -> Backbone:
-        """The backbone on this process's device; under FSDP2 where it loaded (the CPU), until the engine shards it
-        onto the devices (training, or `shard_for_evaluation`): it is never whole on one device."""
-        backbone = load_backbone(self.config.backbone, self.config.dtype, self.config.chat_template)
-        if sharding_engine() != "FSDP":
+        """The backbone on this process's device; under FSDP2 and ZeRO-3 where it loaded (the CPU), until the
+        engine shards it onto the devices (training, or `shard_for_evaluation`): it is never whole on one device."""
+        with zero.loading_whole():
+            backbone = load_backbone(self.config.backbone, self.config.dtype, self.config.chat_template)
+        if not keeps_backbone_off_device():
             backbone.model.to(self.state.device)
         return backbone
 
     @property
     def backbone(self) -> Backbone:
-        """The run's backbone, loaded anew when a sharding engine (FSDP2) sharded the last one in place."""
+        """The run's backbone, loaded anew when a sharding engine (FSDP2, DeepSpeed) held the last one."""
         if self._backbone is None:
             self._backbone = self._load_backbone()
         return self._backbone
 
     def close(self, parts: Parts) -> None:
         """Give the backbone back as it was after a method's parts are done: their adapter removed, and a backbone
-        that a sharding engine sharded in place released (the next method loads it whole again)."""
+        that a sharding engine sharded in place (or DeepSpeed's engine cast and placed) released: the next method
+        loads it whole again."""
+        engine_held = sharding_engine() == "DeepSpeed" and parts.adapter is not None
         parts.close()
-        if any(isinstance(p, DTensor) for p in self._backbone.model.parameters()):
+        if engine_held or is_sharded_model(self._backbone.model):
             self._backbone = None
 
     def _budget(self, split: str, requested: int | None) -> int | None:
@@ -237,7 +241,7 @@ class Run:
 
     # -------------------------------------------------------------------------------------------- eval
     def evaluate_parts(self, parts: Parts, folder: Path, label: str) -> EvalResult:
-        shard_for_evaluation(parts.model, self.config.train.mixed_precision)  # under FSDP2: never whole on a device
+        shard_for_evaluation(parts.model, self.config.train.mixed_precision)  # FSDP2, ZeRO-3: never whole on a device
         evaluation = evaluate(parts.model, parts.prompter, self.backbone, self.task, self.test_examples,
                               self.config.eval, progress=self.config.progress, desc=label)
         if self.main:

@@ -12,8 +12,8 @@ are fewer than processes, so any config runs on any number of them), each term o
 micro-batch's share of the step's elements (answer tokens, positions: `hificl.objectives`), so the step's loss is
 the same mean however it is split, and the gradients are summed across processes. A process with no micro-batch
 left in a step runs a copy of one with weight 0, so every process takes part in every gradient exchange. The main process alone
-writes checkpoints and logs. FSDP and DeepSpeed are refused: they shard or step the trainable parameters
-themselves, which this trainer's checkpoints, clipping and accumulation do not yet follow.
+writes checkpoints and logs. Under FSDP2 and DeepSpeed ZeRO, which shard the weights or their optimiser state,
+checkpoints are gathered whole (`hificl.distributed`) and DeepSpeed's engine clips and steps where a step ends.
 
 Resuming continues from the most advanced complete checkpoint with exactly the remaining batches of its epoch,
 on any number of processes: the trainable weights, optimiser, schedule and position are restored, and the random
@@ -46,7 +46,9 @@ from tqdm.auto import tqdm
 from .checkpoints import (EPOCH_PREFIX, STEP_PREFIX, DamagedCheckpointError, Position, check_resumable,
                           damaged_checkpoints, discard_checkpoints, list_checkpoints, read_checkpoint, read_state,
                           write_checkpoint)
-from .distributed import accelerator_for, is_sharded, prepare_sharded, whole, whole_parameters
+from .distributed import (accelerator_for, engine_name, is_sharded, micro_batch, optimizer_state, prepare_sharded,
+                          whole, whole_parameters)
+from . import zero
 from .io import atomic_write_json, remove_folder
 from .memory import peak_memory_mb, reset_peak_memory
 from .settings import Selection, TrainConfig
@@ -116,7 +118,7 @@ class TrainResult:
     timed_seconds: float = 0.0
     peak_memory_mb: float = 0.0
     processes: int = 1
-    engine: str = "single process"  # or "DDP", "FSDP2": how the processes shared the model
+    engine: str = "single process"  # or "DDP", "FSDP2", "DeepSpeed ZeRO-3": how the processes shared the model
     examples_per_process: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -200,10 +202,11 @@ class Trainer:
         self.accelerator = accelerator_for(config.mixed_precision, config.log_with, self.output_dir)
         kind = self.accelerator.distributed_type
         if kind not in (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU,
-                        DistributedType.FSDP) or (kind == DistributedType.FSDP and not self.accelerator.is_fsdp2):
-            raise ValueError(f"hificl trains on one process, or on several with DDP or FSDP2; this run is configured "
-                             f"for {kind.value}{' (FSDP1)' if kind == DistributedType.FSDP else ''}. Launch it with "
-                             "DDP (`accelerate launch --multi_gpu ...`, `torchrun ...`) or FSDP2 (fsdp_version: 2).")
+                        DistributedType.FSDP, DistributedType.DEEPSPEED) or engine_name(self.accelerator) == "FSDP1":
+            raise ValueError(f"hificl trains on one process, or on several with DDP, FSDP2 or DeepSpeed ZeRO; this "
+                             f"run is configured for {engine_name(self.accelerator) if kind == DistributedType.FSDP else kind.value}. "
+                             "Launch it with DDP (`accelerate launch --multi_gpu ...`, `torchrun ...`), FSDP2 "
+                             "(fsdp_version: 2) or DeepSpeed (accelerate/zero3.yaml).")
         self.processes = self.accelerator.num_processes
         self.unwrapped = model
         self.params = _trainable(model)
@@ -214,9 +217,12 @@ class Trainer:
         self.warmup_steps = int(config.warmup_ratio * self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: cosine_with_warmup(step, self.total_steps, self.warmup_steps))
+        if kind == DistributedType.DEEPSPEED:  # the engine clips and steps where hificl's steps end
+            zero.configure(self.accelerator.state.deepspeed_plugin, config.batch_size, self.processes,
+                           config.max_grad_norm)
         self.model, self.optimizer = self.accelerator.prepare(model, self.optimizer)
-        self.sharded = is_sharded(self.accelerator)
-        if self.sharded:  # FSDP2 sharded the model in place: its parameters are now shards (DTensors)
+        self.engine = engine_name(self.accelerator)
+        if is_sharded(self.accelerator):  # sharded in place: FSDP2's parameters are now shards (DTensors)
             self.params = _trainable(model)
             prepare_sharded(model)  # validation and evaluation generate sharded
 
@@ -269,14 +275,12 @@ class Trainer:
 
     def _save_checkpoint(self, name: str, position: Position, result: TrainResult, artifact: bool) -> None:
         """Write ``<name>/``: every process gathers the whole trainable weights and optimiser state (shards under
-        FSDP2), the main process writes them once; never weights that are not finite."""
+        FSDP2, partitions under ZeRO), the main process writes them once; never weights that are not finite."""
         weights = {n: whole(p).cpu() for n, p in self.params.items()}
         if not all(torch.isfinite(w).all() for w in weights.values()):
             raise NonFiniteLossError(f"The trainable weights hold NaN or inf after step {result.steps}; nothing "
                                      "is saved from here on. Lower train.lr or train.max_grad_norm.")
-        optimizer = self.optimizer.state_dict()
-        optimizer["state"] = {index: {k: whole(v).cpu() if torch.is_tensor(v) else v for k, v in slots.items()}
-                              for index, slots in sorted(optimizer["state"].items())}
+        optimizer = optimizer_state(self.optimizer, [self.params[n] for n in self._ordered_names])
         with whole_parameters(self.unwrapped) if artifact else contextlib.nullcontext():
             if self.accelerator.is_main_process:
                 write_checkpoint(self.output_dir / name, weights, self._ordered_names, optimizer,
@@ -345,7 +349,7 @@ class Trainer:
         position, result = Position(), TrainResult(processes=self.processes)
         if resume:
             position, result = self._resume() or (position, result)
-        result.engine = "FSDP2" if self.sharded else "DDP" if self.processes > 1 else "single process"
+        result.engine = self.engine
         main = self.accelerator.is_main_process
         if self.config.log_with:
             self.accelerator.init_trackers("hificl", config=self.config.optimisation())
@@ -477,7 +481,7 @@ class Trainer:
         local = 0.0
         for index, (batch, (chunk, real), mine) in enumerate(zip(batches, slots, counts)):
             last = index == len(slots) - 1
-            with (contextlib.nullcontext() if last else self.accelerator.no_sync(self.model)):
+            with micro_batch(self.accelerator, self.model, last):
                 with self.accelerator.autocast():
                     terms = self._terms(batch)
                     # each mean weighed by this micro-batch's share of the step's elements (1.0 for a step of one
@@ -487,7 +491,7 @@ class Trainer:
                     loss = shares[0] * terms[0][1]
                     for share, (_, mean) in zip(shares[1:], terms[1:]):
                         loss = loss + share * mean
-                # DDP averages gradients over processes: scaling by their number makes the exchange a sum
+                # every engine averages gradients over processes: scaling by their number makes it a sum
                 self.accelerator.backward(loss * self.processes)
             local += loss.item()
             self._examples_seen += len(chunk) if real else 0
@@ -505,6 +509,9 @@ class Trainer:
     def close(self) -> None:
         """Release what only training needs (the optimiser's state, the prepared model, the accelerator's
         references), so that evaluation after it runs without them."""
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:  # not destroyed: the engine's hooks gather
+            self.accelerator.deepspeed_engine_wrapped = None  # ZeRO-3 weights for the evaluation after training, its
+            # partitions hold the float32 weights an epoch is restored into; it goes with the backbone (`Run.close`)
         self.optimizer = self.scheduler = self.model = None
         self.params = {}
         self.accelerator.free_memory()  # drops the accelerator's references and collects garbage
