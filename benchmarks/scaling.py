@@ -45,7 +45,7 @@ def worker(args) -> None:
         act_as_on_accelerators()
 
     from hificl.backbones import load_backbone
-    from hificl.distributed import process_state
+    from hificl.distributed import close_process_group, process_state
     from hificl.evaluator import GenerationConfig, evaluate
     from hificl.methods import get_method
     from hificl.run_config import load_run_config
@@ -90,6 +90,7 @@ def worker(args) -> None:
             "train_seconds_per_step": result.seconds_per_step, "train_samples_per_second": effective / result.seconds_per_step,
             "examples_per_process": result.examples_per_process, "eval_queries": len(queries),
             "eval_seconds": wall, "eval_queries_per_second": len(queries) / wall}))
+    close_process_group()
 
 
 SHARDING = {"fsdp2": {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP"},

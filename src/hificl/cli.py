@@ -111,7 +111,7 @@ def _stop_on_sigterm():
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from .distributed import process_state
+    from .distributed import close_process_group, process_state
 
     main_process = process_state().is_main_process
     _configure_logging(args.log_level if main_process else "error")
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, previous_sigterm)
         if finished:
-            _close_process_group()
+            close_process_group()
     if not main_process:
         return 0
     print()
@@ -183,16 +183,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"results: {config.output_dir}/results.json, results.md, {plot_name(results)}"
           + (", data_efficiency.png" if results.get("data_efficiency") else ""))
     return 0
-
-
-def _close_process_group() -> None:
-    """End a launched run's process group once every process got here (torch asks for it: a group left to the
-    interpreter's exit can abort a process while its communication threads still run)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

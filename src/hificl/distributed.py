@@ -76,6 +76,14 @@ def check_engine() -> None:
             raise ValueError(f"This run is launched for FSDP with {name} as set in the accelerate config: {why}.")
 
 
+def close_process_group() -> None:
+    """End a launched run's process group once every process got here (torch asks for it: a group left to the
+    interpreter's exit can abort a process while its communication threads still run)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def is_sharded_model(model: nn.Module) -> bool:
     """Whether a sharding engine holds `model`'s weights in slices (FSDP2's DTensors, ZeRO-3's partitions): every
     forward is then a collective, so generation keeps the processes in step (``synced_gpus``)."""
