@@ -87,7 +87,7 @@ def _trainer(workspace, out, epochs=2, seed=5, mixed_precision="no"):
                    Checkpointing(out, parts.adapter.save_pretrained), progress=False), parts
 
 
-@pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED"])
+@pytest.mark.parametrize("kind", ["FSDP", "MEGATRON_LM"])  # FSDP without fsdp_version 2: FSDP1
 def test_an_engine_the_trainer_cannot_run_is_refused_with_how_to_launch(workspace, tmp_path, monkeypatch, kind):
     from accelerate.utils import DistributedType
 
@@ -101,7 +101,8 @@ def test_an_engine_the_trainer_cannot_run_is_refused_with_how_to_launch(workspac
         return accelerator
 
     monkeypatch.setattr(trainer_module, "accelerator_for", sharded)
-    with pytest.raises(ValueError, match=r"on several with DDP or FSDP2; this run is configured for"):
+    with pytest.raises(ValueError, match=r"on several with DDP, FSDP2 or DeepSpeed ZeRO; this run is configured for "
+                                         + ("FSDP1" if kind == "FSDP" else kind)):
         _trainer(workspace, tmp_path)
 
 
@@ -428,13 +429,16 @@ def test_a_step_of_several_micro_batches_is_the_mean_over_its_answer_tokens(work
     assert trainer._step(step, 0, trainer.accelerator.device) == pytest.approx(whole, rel=1e-5)
 
 
-@pytest.mark.parametrize("variable, refused", [("ACCELERATE_USE_FSDP", "FSDP with fsdp_version"),
-                                               ("ACCELERATE_USE_DEEPSPEED", "launched for DeepSpeed")])
+@pytest.mark.parametrize("environment, refused", [
+    ({"ACCELERATE_USE_FSDP": "true"}, "FSDP with fsdp_version"),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": "cpu"}, "launched for DeepSpeed")])
 def test_a_launch_hificl_cannot_train_with_is_refused_before_the_backbone_loads(workspace, tmp_path, monkeypatch,
-                                                                                 variable, refused):
-    """`accelerate launch` with an FSDP1 or DeepSpeed config: a run that trains stops before loading the model
-    (which for the models these engines are for takes minutes), naming the setting; evaluating is not refused."""
-    monkeypatch.setenv(variable, "true")
+                                                                                 environment, refused):
+    """`accelerate launch` with an FSDP1 config, or DeepSpeed with parameter offload: a run that trains stops before
+    loading the model (which for the models these engines are for takes minutes), naming the setting; evaluating
+    is not refused."""
+    for variable, value in environment.items():
+        monkeypatch.setenv(variable, value)
     loaded = []
     monkeypatch.setattr(protocol, "load_backbone", lambda *args, **kwargs: loaded.append(args) or 1 / 0)
     with pytest.raises(ValueError, match=refused):
