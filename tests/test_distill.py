@@ -46,7 +46,8 @@ def _guarded_task(colour_task, seed, pool_size):
                             "test": [Guarded(e) for e in test], "validation": [Guarded(e) for e in train[:4]]})
 
 
-@pytest.mark.parametrize("options", [{}, {"align_weight": 0.5}])
+@pytest.mark.parametrize("options", [{}, {"align_weight": 0.5}, {"labelled_weight": 1.0},
+                                     {"confidence": "weight"}, {"confidence": "filter", "min_confidence": 0.2}])
 def test_no_training_label_is_read(tiny_vlm, colour_task, tmp_path, options):
     register_task("guarded-colours", lambda seed, **options: _guarded_task(colour_task, seed, 2), replace=True)
     config = RunConfig.from_dict({
@@ -286,3 +287,102 @@ def test_the_attention_alignment_term_is_the_mean_squared_error_of_the_aligned_a
         assert parts.objective.counts(batches)[-1] == int(batch.aligned().sum())
     finally:
         parts.close()
+
+
+def _by_hand(parts, backbone, batches, labelled, confidence="none", min_confidence=0.5):
+    """The distillation terms restated row by row and position by position from the model's logits (float64):
+    the teacher's distribution averaged over its draws at each position predicting an answer token, the query's
+    confidence the product of the teacher's probabilities of its answer tokens, then the weighted means of KL and
+    CE over the batch's answer positions, the CE on the labelled examples' true answers (each encoded alone), and
+    the queries' confidences."""
+    model, first = parts.model, batches[0]
+    with torch.no_grad():
+        student = torch.log_softmax(parts.model(**{k: v for k, v in first.student.items()
+                                                     if k != "labels"}).logits.double(), -1)
+        with parts.adapter.disable_adapter():
+            teachers = [torch.softmax(model(**b.teacher).logits.double(), -1) for b in batches]
+    kls, ces, weights, confidences = [], [], [], []
+    labels = first.student["labels"]
+    for row in range(labels.shape[0]):
+        positions = [j for j in range(labels.shape[1] - 1) if labels[row, j + 1] != -100]
+        mixed = [sum(t[row, int(b.offsets[row]) + j] for t, b in zip(teachers, batches)) / len(batches)
+                 for j in positions]
+        sure = torch.prod(torch.stack([p[labels[row, j + 1]] for p, j in zip(mixed, positions)]))
+        confidences.append(float(sure))
+        weight = {"none": 1.0, "weight": sure, "filter": float(sure >= min_confidence)}[confidence]
+        for p, j in zip(mixed, positions):
+            kls.append((p * (p.log() - student[row, j])).sum())
+            ces.append(-student[row, j, labels[row, j + 1]])
+            weights.append(weight)
+    losses, tokens = torch.tensor(0.0, dtype=torch.float64), 0
+    with torch.no_grad():
+        for example in labelled:
+            alone = backbone.encode([parts.objective.task.query_prompt(example)],
+                                    [parts.objective.task.target_text(example)], padding_side="right")
+            log = torch.log_softmax(model(**{k: v for k, v in alone.items() if k != "labels"}).logits.double(), -1)
+            for j in range(alone["labels"].shape[1] - 1):
+                if alone["labels"][0, j + 1] != -100:
+                    losses, tokens = losses - log[0, j, alone["labels"][0, j + 1]], tokens + 1
+    weights = torch.tensor([float(w) for w in weights], dtype=torch.float64)
+    return ((weights * torch.stack(kls)).mean(), (weights * torch.stack(ces)).mean(),
+            losses / tokens if tokens else None, confidences)
+
+
+@pytest.mark.parametrize("confidence", ["none", "weight", "filter"])
+def test_the_distillation_loss_with_labelled_ce_and_confidence_equals_a_hand_computation(setting, confidence):
+    """KL (x 1) + ce_weight x CE on the teacher's answers (each query's positions weighed by its confidence under
+    `confidence`) + labelled_weight x CE on the true answers of the labelled pool asked zero-shot, against
+    `_by_hand`; for "filter" the threshold lies between the queries' confidences, so one is kept, one dropped."""
+    backbone, task = setting
+    options = {"confidence": confidence} if confidence != "none" else {}
+    method = get_method("distill", shots=2, labelled=4, draws=2, ce_weight=0.3, labelled_weight=0.7,
+                        value_b_std=0.3, **options)
+    parts = method.build(backbone, task, Seeds(3, 0))
+    try:
+        labelled = task.subset("train", 4, 3)
+        assert {e.id for e in labelled} == method.labelled_ids(task, Seeds(3, 0))
+        pool = method.labelled_ids(task, Seeds(3, 0))
+        queries = [unlabelled(e) for e in task.splits["train"] if e.id not in pool][:3]
+        batches = parts.objective.batch(queries)
+        min_confidence = 0.5
+        if confidence == "filter":
+            sure = sorted(_by_hand(parts, backbone, batches, [])[3])
+            assert sure[0] < sure[-1], "the queries' confidences differ: a threshold between them filters"
+            min_confidence = parts.objective.min_confidence = (sure[0] + sure[-1]) / 2
+        kl, ce, labelled_ce, _ = _by_hand(parts, backbone, batches, labelled, confidence, min_confidence)
+        terms = parts.objective.terms(parts.model, batches)
+        assert [w for w, _ in terms] == [1.0, 0.3, 0.7]
+        for (_, mean), expected in zip(terms, (kl, ce, labelled_ce)):
+            torch.testing.assert_close(mean.double(), expected, rtol=2e-4, atol=0.0)  # confidences ~1e-24 here
+        assert parts.objective.counts(batches)[2] == sum(
+            int((backbone.encode([task.query_prompt(e)], [task.target_text(e)])["labels"][0, 1:] != -100).sum())
+            for e in labelled)
+        if confidence == "filter":
+            assert 0 < float(terms[0][1].detach()) < float(_by_hand(parts, backbone, batches, [], "none")[0]), \
+                "dropped queries lower the mean"
+    finally:
+        parts.close()
+
+
+def test_the_new_distill_options_are_validated_and_reported():
+    method = get_method("distill", labelled_weight=0.5, confidence="filter", min_confidence=0.3)
+    assert method.options["labelled_weight"] == 0.5 and method.options["confidence"] == "filter"
+    assert method.options["min_confidence"] == 0.3
+    assert method.label == "distilled (8-shot, labelled CE x0.5, confidence >= 0.3)"
+    assert get_method("distill", confidence="weight").label == "distilled (8-shot, confidence-weighted)"
+    defaults = get_method("distill").options
+    assert not {"labelled_weight", "confidence", "min_confidence"} & set(defaults), "earlier run ids stay"
+    with pytest.raises(ValueError, match="labelled_weight must be a finite number >= 0"):
+        get_method("distill", labelled_weight=-1.0)
+    with pytest.raises(ValueError, match="confidence must be one of 'none', 'weight', 'filter'"):
+        get_method("distill", confidence="soft")
+    with pytest.raises(ValueError, match="min_confidence is the threshold of confidence: filter"):
+        get_method("distill", confidence="weight", min_confidence=0.3)
+    with pytest.raises(ValueError, match="min_confidence is a probability: at most 1"):
+        get_method("distill", confidence="filter", min_confidence=1.5)
+    with pytest.raises(ValueError, match="min_confidence must be a finite number > 0"):
+        get_method("distill", confidence="filter", min_confidence=0)
+    with pytest.raises(ValueError, match="takes no labelled_weight: labelled_weight must be 0"):
+        get_method("distill", student="mimic", labelled_weight=1.0)
+    with pytest.raises(ValueError, match="takes no confidence: confidence must be none"):
+        get_method("distill", student="mimic", confidence="weight")

@@ -87,13 +87,30 @@ class TeacherAnswerKL(TeacherObjective):
     (and the attention modules `attention` to align), plus that weight x the mean over layers of the squared error
     between the student's attention outputs and the teacher's (averaged over its draws) at every aligned position
     (the query's tokens and the answer's): the student is asked to compute what the teacher computes, not only to
-    answer as it does."""
+    answer as it does.
+
+    With ``labelled_weight`` (and the `labelled` examples: the teacher's own demonstrations, whose answers the
+    method may read), plus that weight x the student's cross-entropy on their true answers, each asked as a
+    zero-shot query: all of them in every micro-batch (a constant set: the mean is over its answer tokens).
+
+    ``confidence`` weighs each training query by how sure the teacher is of its own answer: its probability
+    ``c`` of the whole answer (the product over the answer's tokens and its end of the ensemble's probability of
+    each token). "none": every query weighs 1; "weight": each query's KL and CE positions are multiplied by ``c``;
+    "filter": by 1 if ``c >= min_confidence`` else 0. The means stay over all of the batch's answer positions (a
+    query weighed down lowers the loss rather than raising the others' share), so a step's loss remains a mean
+    over its elements, whatever its micro-batches."""
 
     def __init__(self, backbone, task, prompter, answers: TeacherAnswers, ce_weight: float = 0.0,
-                 align_weight: float = 0.0, attention: list[nn.Module] | None = None):
+                 align_weight: float = 0.0, attention: list[nn.Module] | None = None,
+                 labelled: list[Example] = (), labelled_weight: float = 0.0, confidence: str = "none",
+                 min_confidence: float = 0.5):
         super().__init__(backbone, task, prompter, answers.teachers[0])
         self.answers, self.teachers, self.ce_weight = answers, answers.teachers, ce_weight
         self.align_weight, self.attention = align_weight, list(attention or []) if align_weight else []
+        self.labelled_weight, self.confidence, self.min_confidence = labelled_weight, confidence, min_confidence
+        if labelled_weight and not labelled:
+            raise ValueError("labelled_weight needs the labelled examples to train on.")
+        self.labelled = self.student_batch(list(labelled)) if labelled_weight else None
 
     def prepare(self, items: list[Query], progress: bool = True) -> None:
         self.answers.prepare(items, progress)
@@ -108,12 +125,13 @@ class TeacherAnswerKL(TeacherObjective):
         first = batches[0]
         where = answer_positions(first.student["labels"]) & first.aligned()
         return [int(where.sum())] + ([answer_tokens(first.student["labels"])] if self.ce_weight else []) + (
-            [int(first.aligned().sum())] if self.align_weight else [])
+            [int(first.aligned().sum())] if self.align_weight else []) + (
+            [answer_tokens(self.labelled["labels"])] if self.labelled_weight else [])
 
     def terms(self, model: nn.Module, batches: list[TeacherBatch]) -> list[tuple[float, torch.Tensor]]:
         first = batches[0]
         with capture_outputs(self.attention) as student_hidden:
-            out = model(**first.student)
+            out = model(**{k: v for k, v in first.student.items() if k != "labels"})
         probs, hidden = None, None
         for batch in batches:
             logits, outputs = Teacher.run(model, batch, self.attention)
@@ -122,14 +140,34 @@ class TeacherAnswerKL(TeacherObjective):
             aligned = [batch.align(h).float() / len(batches) for h in outputs]
             hidden = aligned if hidden is None else [a + b for a, b in zip(hidden, aligned)]
         probs = probs / len(batches)
-        where = answer_positions(first.student["labels"]) & first.aligned()
+        labels = first.student["labels"]
+        where = answer_positions(labels) & first.aligned()
+        following = torch.cat([labels[:, 1:], labels[:, :1]], 1)[where]  # the answer token each position predicts
         teacher_log = torch.log(probs[where].clamp_min(1e-30))
         student_log = torch.log_softmax(out.logits[where].float(), -1)
-        kl = (probs[where] * (teacher_log - student_log)).sum(-1).mean()
-        terms = [(1.0, kl)] + ([(self.ce_weight, out.loss)] if self.ce_weight else [])
+        weights = self._query_weights(teacher_log.gather(1, following[:, None])[:, 0], where)
+        kl = (weights * (probs[where] * (teacher_log - student_log)).sum(-1)).mean()
+        terms = [(1.0, kl)]
+        if self.ce_weight:
+            terms.append((self.ce_weight, (weights * -student_log.gather(1, following[:, None])[:, 0]).mean()))
         if self.align_weight:
             terms.append((self.align_weight, layer_mse(hidden, student_hidden, first.aligned())))
+        if self.labelled_weight:
+            device = out.logits.device
+            terms.append((self.labelled_weight, self.answer_loss(model, {k: v.to(device) for k, v in
+                                                                        self.labelled.items()})))
         return terms
+
+    def _query_weights(self, token_log: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+        """Per answer position (flattened as ``where`` selects them): its query's weight under `confidence`, from
+        the teacher's log-probability `token_log` of each answer token."""
+        if self.confidence == "none":
+            return torch.ones_like(token_log)
+        rows = where.nonzero()[:, 0]
+        answer_log = torch.zeros(where.shape[0], device=token_log.device).index_add(0, rows, token_log)
+        confidence = answer_log.exp()
+        weights = confidence if self.confidence == "weight" else (confidence >= self.min_confidence).float()
+        return weights[rows]
 
     def set_epoch(self, epoch: int) -> None:
         for teacher in self.teachers:

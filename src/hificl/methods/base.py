@@ -154,12 +154,14 @@ class Method:
         return []
 
     def distillation_objective(self, backbone: Backbone, task: Task, prompter: Prompter, adapter: AdapterModel,
-                               answers: TeacherAnswers, ce_weight: float, align_weight: float = 0.0):
+                               answers: TeacherAnswers, ce_weight: float, align_weight: float = 0.0, **options):
         """What the method's adapter minimises as a distillation student (`hificl.methods.distill`): by default the
         KL divergence from the k-shot teacher where its own answer is predicted (and, with `align_weight`, the
-        alignment of the language model's attention outputs with the teacher's)."""
+        alignment of the language model's attention outputs with the teacher's; `options`: the labelled examples'
+        cross-entropy and the confidence weighting of `TeacherAnswerKL`, which distill passes only where they are
+        set, and refuses for a student whose own objective takes none)."""
         attention = find_language_model(backbone.model).attention_modules if align_weight else None
-        return TeacherAnswerKL(backbone, task, prompter, answers, ce_weight, align_weight, attention)
+        return TeacherAnswerKL(backbone, task, prompter, answers, ce_weight, align_weight, attention, **options)
 
     def load(self, backbone: Backbone, task: Task, seeds: Seeds, folder) -> Parts:
         """The parts of a trained method around the adapter saved in `folder` (for evaluation)."""

@@ -14,6 +14,12 @@ cross-entropy on that answer (0: pure distillation). No label of the training qu
 hands this method `hificl.tasks.Query` objects, which have none, drawn from outside the labelled pool, and picks
 no epoch on labelled validation questions (the last epoch is used).
 
+Two options use more of what the teacher holds (KL-distilling students only; the MimIC student has its own
+objective): ``labelled_weight`` adds that weight x the student's cross-entropy on the true answers of the labelled
+examples themselves, asked as zero-shot queries (the teacher's demonstrations: labels the method reads anyway), and
+``confidence`` ("none", "weight" or "filter" below ``min_confidence``) weighs each unlabelled query by the
+teacher's probability of its own answer (`hificl.distillation.TeacherAnswerKL`).
+
 A HiFICL student's virtual pairs start as the paper's random factors (``init: random``), or from the teacher's own
 demonstration tokens (``init: demonstrations``, `hificl.distillation.initialise_from_demonstrations`).
 """
@@ -35,9 +41,12 @@ class Distill(Method):
     """Options: ``shots`` (k, the demonstrations in a teacher context), ``labelled`` (the labelled examples in
     all, the pool the demonstrations come from; default k), ``selection`` ("random" or "retrieval"), ``draws``
     (teacher contexts averaged: an ensemble), ``ce_weight``, ``align_weight`` (the attention outputs aligned with
-    the teacher's, `hificl.distillation.TeacherAnswerKL`), ``init`` ("random" or "demonstrations", HiFICL
-    students), ``student`` (a trained method: "hificl", "live", "mimic", "lora", ...) and the student method's own
-    options except those of its objective (for HiFICL, any `HiFICLConfig` field: num_virtual_tokens, rank, ...)."""
+    the teacher's, `hificl.distillation.TeacherAnswerKL`), ``labelled_weight`` (x the cross-entropy on the true
+    answers of the labelled pool, asked zero-shot), ``confidence`` ("none"; "weight": each query's terms x the
+    teacher's probability of its own answer; "filter": x 1 where that probability is at least ``min_confidence``,
+    default 0.5, else 0), ``init`` ("random" or "demonstrations", HiFICL students), ``student`` (a trained
+    method: "hificl", "live", "mimic", "lora", ...) and the student method's own options except those of its
+    objective (for HiFICL, any `HiFICLConfig` field: num_virtual_tokens, rank, ...)."""
 
     name = "distill"
     trainable = True
@@ -45,6 +54,7 @@ class Distill(Method):
 
     def __init__(self, shots: int = 8, labelled: int | None = None, selection: str = "random", draws: int = 1,
                  ce_weight: float = 0.0, init: str = "random", student: str = "hificl", align_weight: float = 0.0,
+                 labelled_weight: float = 0.0, confidence: str = "none", min_confidence: float | None = None,
                  **options: Any):
         super().__init__()
         students = _students()
@@ -52,8 +62,8 @@ class Distill(Method):
         objective_only = sorted(set(options) & set(students[name].objective_options))
         if objective_only:
             raise ValueError(f"distill: {objective_only} set the {name} method's own training objective, which "
-                             "distillation replaces: drop them (distill's own: ce_weight, draws, init, labelled, "
-                             "selection, shots).")
+                             "distillation replaces: drop them (distill's own: ce_weight, confidence, draws, init, "
+                             "labelled, labelled_weight, min_confidence, selection, shots).")
         try:
             self.student = students[name](**options)
         except ValueError as error:
@@ -76,9 +86,22 @@ class Distill(Method):
         self.draws = integer(draws, "distill: draws")
         self.ce_weight = float(number(ce_weight, "distill: ce_weight"))
         self.align_weight = float(number(align_weight, "distill: align_weight"))
-        if self.align_weight and students[name].distillation_objective is not Method.distillation_objective:
-            raise ValueError(f"distill: a {self.student.label} student learns by its own distillation objective, "
-                             "which takes no attention alignment: align_weight must be 0.")
+        self.labelled_weight = float(number(labelled_weight, "distill: labelled_weight"))
+        self.confidence = choice(confidence, "distill: confidence", ("none", "weight", "filter"))
+        if min_confidence is not None and self.confidence != "filter":
+            raise ValueError(f"distill: min_confidence is the threshold of confidence: filter (confidence is "
+                             f"{self.confidence!r}): drop it or set confidence: filter.")
+        self.min_confidence = float(number(0.5 if min_confidence is None else min_confidence,
+                                           "distill: min_confidence", positive=True))
+        if self.min_confidence > 1:
+            raise ValueError(f"distill: min_confidence is a probability: at most 1, got {self.min_confidence!r}.")
+        own = students[name].distillation_objective is not Method.distillation_objective
+        for option, value, off in (("align_weight", self.align_weight, "0"),
+                                   ("labelled_weight", self.labelled_weight, "0"),
+                                   ("confidence", self.confidence != "none", "none")):
+            if own and value:
+                raise ValueError(f"distill: a {self.student.label} student learns by its own distillation "
+                                 f"objective, which takes no {option}: {option} must be {off}.")
 
     @classmethod
     def option_names(cls) -> list[str]:
@@ -91,7 +114,10 @@ class Distill(Method):
         student = {k: v for k, v in self.student.options.items() if k not in self.student.objective_options}
         return {"shots": self.shots, "labelled": self.labelled, "selection": self.selection, "draws": self.draws,
                 "ce_weight": self.ce_weight, "init": self.init, "student": self.student.name,
-                **({"align_weight": self.align_weight} if self.align_weight else {}), **student}
+                **({"align_weight": self.align_weight} if self.align_weight else {}),
+                **({"labelled_weight": self.labelled_weight} if self.labelled_weight else {}),
+                **({"confidence": self.confidence} if self.confidence != "none" else {}),
+                **({"min_confidence": self.min_confidence} if self.confidence == "filter" else {}), **student}
 
     @property
     def label(self) -> str:
@@ -104,6 +130,12 @@ class Distill(Method):
             parts.append(f"init {self.init}")
         if self.align_weight:
             parts.append(f"attention aligned x{self.align_weight:g}")
+        if self.labelled_weight:
+            parts.append(f"labelled CE x{self.labelled_weight:g}")
+        if self.confidence == "weight":
+            parts.append("confidence-weighted")
+        elif self.confidence == "filter":
+            parts.append(f"confidence >= {self.min_confidence:g}")
         student = "" if self.student.name == "hificl" else f"{self.student.label} "
         return f"{student}distilled ({', '.join(parts)})"
 
@@ -135,8 +167,14 @@ class Distill(Method):
             queries = [unlabelled(e) for e in task.subset("train", self.labelled + 4, seeds.data)[self.labelled:]]
             initialise_from_demonstrations(adapter, backbone, teachers[0], task, queries)
         answers = TeacherAnswers(backbone, task, teachers, adapter)
+        options = {}  # set only where used: a student with its own distillation objective takes none (refused above)
+        if self.labelled_weight:
+            options.update(labelled=task.subset("train", self.labelled, seeds.data),
+                           labelled_weight=self.labelled_weight)
+        if self.confidence != "none":
+            options.update(confidence=self.confidence, min_confidence=self.min_confidence)
         return self.student.distillation_objective(backbone, task, prompter, adapter, answers, self.ce_weight,
-                                                   self.align_weight)
+                                                   self.align_weight, **options)
 
     def data_budget(self, train_examples: int) -> dict[str, int]:
         return {"labelled": self.labelled, "unlabelled": train_examples}
