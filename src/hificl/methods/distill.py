@@ -2,7 +2,9 @@
 
 The teacher is the frozen model with k labelled demonstrations in its context (`labelled` examples in all: the
 demonstrations are drawn from that pool, at random or retrieved per query; with ``draws > 1`` an ensemble of
-that many draws, whose next-token distributions are averaged). The student is the zero-shot prompt plus the adapter
+that many draws, whose next-token distributions are averaged: each draw its own random k of the pool, in its own
+order, per query, so with ``labelled`` = k the draws are orders of the same k, and with ``labelled`` > k, e.g.
+``shots: 6, labelled: 8``, different subsets of the same labelled examples). The student is the zero-shot prompt plus the adapter
 of a trained method (``student: hificl``, or ``live``, ``mimic``, ``lora``, ...), built by that method's own recipe:
 its adapter, its optimiser groups (LIVE's learning rates, MimIC's bias without weight decay) and its adapter
 options (e.g. ``rank`` for HiFICL); the options of the student's own objective do not apply. For each training
