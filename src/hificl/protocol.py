@@ -102,7 +102,7 @@ class Run:
     def _load_backbone(self) -> Backbone:
         """The backbone on this process's device; under FSDP2 and ZeRO-3 where it loaded (the CPU), until the
         engine shards it onto the devices (training, or `shard_for_evaluation`): it is never whole on one device."""
-        with zero.loading_whole():
+        with zero.loading_whole() if sharding_engine() == "DeepSpeed" else contextlib.nullcontext():
             backbone = load_backbone(self.config.backbone, self.config.dtype, self.config.chat_template)
         if not keeps_backbone_off_device():
             backbone.model.to(self.state.device)
