@@ -69,7 +69,7 @@ class Row:
     train_peak_memory_mb: float | None = _max()
     epochs: float | None = _mean()  # epochs trained
     processes: int | None = None
-    engine: str | None = None  # how the processes shared the model in training: single process, DDP, FSDP2, DeepSpeed ZeRO-N
+    engine: str | None = None  # how the processes shared the model in training (DDP, FSDP2, ...)
     selection: EpochChoice | None = None
     seed: int | None = _own()
     epoch: int | None = _own()  # the epoch reported

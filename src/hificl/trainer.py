@@ -203,10 +203,10 @@ class Trainer:
         kind = self.accelerator.distributed_type
         if kind not in (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU,
                         DistributedType.FSDP, DistributedType.DEEPSPEED) or engine_name(self.accelerator) == "FSDP1":
+            configured = engine_name(self.accelerator) if kind == DistributedType.FSDP else kind.value
             raise ValueError(f"hificl trains on one process, or on several with DDP, FSDP2 or DeepSpeed ZeRO; this "
-                             f"run is configured for {engine_name(self.accelerator) if kind == DistributedType.FSDP else kind.value}. "
-                             "Launch it with DDP (`accelerate launch --multi_gpu ...`, `torchrun ...`), FSDP2 "
-                             "(fsdp_version: 2) or DeepSpeed (accelerate/zero3.yaml).")
+                             f"run is configured for {configured}. Launch it with DDP (`accelerate launch --multi_gpu "
+                             "...`, `torchrun ...`), FSDP2 (fsdp_version: 2) or DeepSpeed (accelerate/zero3.yaml).")
         self.processes = self.accelerator.num_processes
         self.unwrapped = model
         self.params = _trainable(model)
