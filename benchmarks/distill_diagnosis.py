@@ -8,11 +8,15 @@ with the same k demonstrations, the same draw):
 * KL(teacher || student) per answer position on the test questions, teacher-forced on the teacher's own answers
   (position 0 predicts the first answer token);
 * per layer, how close the student's attention outputs at the query's tokens are to the teacher's (relative L2
-  error), beside the zero-shot model's (the adapter disabled): how much of the gap the virtual pairs close.
+  error), beside the zero-shot model's (the adapter disabled): how much of the gap the virtual pairs close;
+* the start: the student's test accuracy before training (its initialisation), beside the zero-shot model's.
 
     python benchmarks/distill_diagnosis.py --config embedded-text-capitals-distill --shots 8 --out runs/diagnosis
+    python benchmarks/distill_diagnosis.py --config examples/elements/distill.yaml \\
+        --student '{fixed_alpha: false}' --student '{}'        # several students beside one teacher
 
-Writes diagnosis.json and diagnosis.png (KL per position; the per-layer errors) into --out and prints a table.
+Writes diagnosis.json and diagnosis.png (accuracies and agreement; KL per position; the per-layer errors) into
+--out and prints a table.
 """
 
 from __future__ import annotations
@@ -81,6 +85,43 @@ def _kl_and_layers(model, adapter, objective, queries, answers, batch_size: int)
     return kl_by_position, layers
 
 
+def _diagnose(run, config, method, seed: int, folder: Path, shared: dict) -> dict:
+    """Train one student, then measure its start (before training), its fit and generalisation, its agreement with
+    the teacher, KL per answer position and its attention outputs; the teacher and the zero-shot model are measured
+    once, with the first student's parts, into `shared`."""
+    from hificl.evaluator import evaluate
+    from hificl.prompting import Prompter
+
+    seeds = run.seeds(seed)
+    parts = method.build(run.backbone, run.task, seeds)
+    settings = dict(progress=False, warmup=False)
+    plain = Prompter(run.task)
+    start = evaluate(parts.model, plain, run.backbone, run.task, run.test_examples, config.eval, **settings)
+    trained = run.train_and_select(method, parts, folder, seeds)
+    trained.restore(trained.result.last_epoch)
+    queries = run.training_examples(method, seeds)
+    labelled = {e.id: e for e in run.train_examples}
+    sets = {"train": [labelled[q.id] for q in queries],  # the measurement alone reads these labels
+            "test": run.test_examples}
+    if not shared:
+        teacher_prompter = parts.objective.teachers[0].prompter
+        with parts.adapter.disable_adapter():
+            for who, prompter in (("teacher", teacher_prompter), ("zero-shot", plain)):
+                shared[who] = {name: evaluate(parts.model, prompter, run.backbone, run.task, examples, config.eval,
+                                              **settings) for name, examples in sets.items()}
+        shared["train_queries"] = len(sets["train"])
+    student = {name: evaluate(parts.model, plain, run.backbone, run.task, examples, config.eval, **settings)
+               for name, examples in sets.items()}
+    answers = {p["id"]: p["prediction"] for p in shared["teacher"]["test"].predictions}
+    kl, layers = _kl_and_layers(parts.model, parts.adapter, parts.objective, run.test_examples, answers,
+                                config.eval.batch_size)
+    run.close(parts)
+    return {"label": method.label, "options": method.options, "start": {"test": _accuracy(start)},
+            "accuracy": {name: _accuracy(e) for name, e in student.items()},
+            "agreement": {name: _agreement(student[name], shared["teacher"][name]) for name in student},
+            "kl_by_answer_position": kl, "attention_output_error": layers}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="embedded-text-capitals-distill")
@@ -88,65 +129,54 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=3407, help="the replicate (the data stay the config's seed's)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config overrides, as for hificl (e.g. train.epochs=6)")
-    parser.add_argument("--student", default="{}", help="further distill options, YAML (e.g. '{ce_weight: 0.5}')")
+    parser.add_argument("--student", action="append", default=[], metavar="YAML",
+                        help="further distill options of one student, e.g. '{fixed_alpha: false}'; repeat to measure "
+                             "several students beside one teacher (default: one student, distill's defaults)")
     parser.add_argument("--out", default="runs/distill-diagnosis")
     args = parser.parse_args()
 
     import yaml
 
-    from hificl.evaluator import evaluate
     from hificl.methods import get_method
-    from hificl.prompting import Prompter
     from hificl.protocol import Run
     from hificl.run_config import load_run_config
 
     config = load_run_config(args.config, args.overrides)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    methods = [get_method("distill", shots=args.shots, **(yaml.safe_load(options) or {}))
+               for options in args.student or ["{}"]]
+    shared: dict = {}
     with tempfile.TemporaryDirectory() as folder:
         config = type(config).from_dict({**config.to_dict(), "output_dir": folder, "progress": False,
                                          "methods": [{"name": "zero-shot"}]})
         run = Run(config)
-        method = get_method("distill", shots=args.shots, **yaml.safe_load(args.student))
-        seeds = run.seeds(args.seed)
-        parts = method.build(run.backbone, run.task, seeds)
-        trained = run.train_and_select(method, parts, Path(folder) / "train", seeds)
-        trained.restore(trained.result.last_epoch)
-        queries = run.training_examples(method, seeds)
-        labelled = {e.id: e for e in run.train_examples}
-        train_set = [labelled[q.id] for q in queries]  # the measurement alone reads these labels
-        teacher_prompter = parts.objective.teachers[0].prompter
-        settings = dict(progress=False, warmup=False)
-        student, teacher = {}, {}
-        for name, examples in (("train", train_set), ("test", run.test_examples)):
-            student[name] = evaluate(parts.model, Prompter(run.task), run.backbone, run.task, examples,
-                                     config.eval, **settings)
-            with parts.adapter.disable_adapter():
-                teacher[name] = evaluate(parts.model, teacher_prompter, run.backbone, run.task, examples,
-                                         config.eval, **settings)
-        answers = {p["id"]: p["prediction"] for p in teacher["test"].predictions}
-        kl, layers = _kl_and_layers(parts.model, parts.adapter, parts.objective, run.test_examples, answers,
-                                    config.eval.batch_size)
-        run.close(parts)
+        students = [_diagnose(run, config, method, args.seed, Path(folder) / f"train-{i}", shared)
+                    for i, method in enumerate(methods)]
+        test_questions = len(run.test_examples)
     report = {
-        "config": args.config, "shots": args.shots, "seed": args.seed, "student_options": method.options,
-        "train_queries": len(train_set), "test_questions": len(run.test_examples),
-        "teacher": {name: _accuracy(e) for name, e in teacher.items()},
-        "student": {name: _accuracy(e) for name, e in student.items()},
-        "agreement": {name: _agreement(student[name], teacher[name]) for name in student},
-        "kl_by_answer_position": kl, "attention_output_error": layers,
+        "config": args.config, "shots": args.shots, "seed": args.seed,
+        "train_queries": shared["train_queries"], "test_questions": test_questions,
+        "teacher": {name: _accuracy(e) for name, e in shared["teacher"].items()},
+        "zero-shot": {name: _accuracy(e) for name, e in shared["zero-shot"].items()},
+        "students": students,
     }
     (out / "diagnosis.json").write_text(json.dumps(report, indent=2))
     _plot(report, out / "diagnosis.png")
-    print(f"\n{args.config}, k = {args.shots}, seed {args.seed}: {len(train_set)} unlabelled training queries, "
-          f"{len(run.test_examples)} test questions")
-    print(f"{'':>22} {'train queries (fit)':>20} {'test (generalisation)':>22}")
-    for who in ("teacher", "student"):
-        print(f"{who + ' accuracy':>22} {report[who]['train']:>20.3f} {report[who]['test']:>22.3f}")
-    print(f"{'agreement':>22} {report['agreement']['train']:>20.3f} {report['agreement']['test']:>22.3f}")
-    print("KL per answer position (test): " + ", ".join(f"{p}: {v:.3f}" for p, v in kl.items()))
-    print("attention-output error per layer, student / zero-shot: " + ", ".join(
-        f"{s:.2f}/{z:.2f}" for s, z in zip(layers["student"], layers["zero-shot"])))
+    print(f"\n{args.config}, k = {args.shots}, seed {args.seed}: {report['train_queries']} unlabelled training "
+          f"queries, {test_questions} test questions")
+    print(f"{'':>44} {'start (test)':>12} {'train (fit)':>12} {'test':>8} {'agree train':>12} {'agree test':>11}")
+    for who in ("teacher", "zero-shot"):
+        print(f"{who:>44} {'':>12} {report[who]['train']:>12.3f} {report[who]['test']:>8.3f}")
+    for student in students:
+        print(f"{student['label']:>44} {student['start']['test']:>12.3f} {student['accuracy']['train']:>12.3f} "
+              f"{student['accuracy']['test']:>8.3f} {student['agreement']['train']:>12.3f} "
+              f"{student['agreement']['test']:>11.3f}")
+        print("    KL per answer position (test): " + ", ".join(
+            f"{p}: {v:.3f}" for p, v in student["kl_by_answer_position"].items()))
+        errors = student["attention_output_error"]
+        print("    attention-output error per layer, student / zero-shot: " + ", ".join(
+            f"{s:.2f}/{z:.2f}" for s, z in zip(errors["student"], errors["zero-shot"])))
 
 
 def _plot(report: dict, path: Path) -> None:
@@ -155,20 +185,43 @@ def _plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
-    positions = sorted(report["kl_by_answer_position"], key=int)
-    left.bar([int(p) for p in positions], [report["kl_by_answer_position"][p] for p in positions], color="#4c72b0")
+    figure, (bars, left, right) = plt.subplots(1, 3, figsize=(15, 4), gridspec_kw={"width_ratios": [1.2, 1, 1]})
+    students = report["students"]
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    names = ["teacher", "zero-shot"] + [s["label"] for s in students]
+    groups = {"start (test)": [None, None] + [s["start"]["test"] for s in students],
+              "train queries (fit)": [report["teacher"]["train"], report["zero-shot"]["train"]]
+              + [s["accuracy"]["train"] for s in students],
+              "test": [report["teacher"]["test"], report["zero-shot"]["test"]]
+              + [s["accuracy"]["test"] for s in students],
+              "agreement, test": [None, None] + [s["agreement"]["test"] for s in students]}
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        xs = [g + i * width for g, values in enumerate(groups.values()) if values[i] is not None]
+        ys = [values[i] for values in groups.values() if values[i] is not None]
+        bars.bar(xs, ys, width, label=name, color="gray" if name == "zero-shot" else colours[i % len(colours)])
+    bars.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))], list(groups), fontsize=8)
+    bars.set_ylabel("accuracy / agreement")
+    bars.legend(fontsize=7)
+    for i, student in enumerate(students, start=2):
+        kl = student["kl_by_answer_position"]
+        positions = sorted(kl, key=int)
+        offset = (i - 2 - (len(students) - 1) / 2) * 0.8 / len(students)
+        left.bar([int(p) + offset for p in positions], [kl[p] for p in positions], 0.8 / len(students),
+                 label=student["label"], color=colours[i % len(colours)])
+        errors = student["attention_output_error"]
+        right.plot(range(len(errors["student"])), errors["student"], "o-", markersize=3, label=student["label"],
+                   color=colours[i % len(colours)])
+    right.plot(range(len(errors["zero-shot"])), errors["zero-shot"], "o-", markersize=3,
+               label="zero-shot (adapter off)", color="gray")
     left.set_xlabel("answer position (0 predicts the first answer token)")
     left.set_ylabel("KL(teacher || student), test")
-    errors = report["attention_output_error"]
-    layers = range(len(errors["student"]))
-    right.plot(layers, errors["zero-shot"], "o-", label="zero-shot (adapter off)", color="gray")
-    right.plot(layers, errors["student"], "o-", label="distilled student", color="#4c72b0")
+    left.legend(fontsize=7)
     right.set_xlabel("layer")
     right.set_ylabel("relative L2 error vs teacher\n(attention outputs, query tokens)")
-    right.legend(fontsize=8)
-    figure.suptitle(f"{report['config']}, k = {report['shots']}: teacher {report['teacher']['test']:.1%} / student "
-                    f"{report['student']['test']:.1%} on test, agreement {report['agreement']['test']:.1%}",
+    right.legend(fontsize=7)
+    figure.suptitle(f"{report['config']}, k = {report['shots']}, seed {report['seed']}: "
+                    f"{report['train_queries']} unlabelled queries, {report['test_questions']} test questions",
                     fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=120)

@@ -386,3 +386,70 @@ def test_the_new_distill_options_are_validated_and_reported():
         get_method("distill", student="mimic", labelled_weight=1.0)
     with pytest.raises(ValueError, match="takes no confidence: confidence must be none"):
         get_method("distill", student="mimic", confidence="weight")
+
+
+@pytest.mark.parametrize("options, starts_at_zero_shot", [({}, True), ({"fixed_alpha": False}, False),
+                                                          ({"init": "demonstrations"}, False)])
+def test_a_hificl_student_starts_at_the_zero_shot_model_unless_given_the_papers_formula(setting, options,
+                                                                                         starts_at_zero_shot):
+    """By default a HiFICL student adds its virtual term to the attention output (fixed_alpha), so its zero values
+    leave the zero-shot model's logits untouched before training; the paper's formula (the virtual keys take
+    softmax mass) and values taken from the demonstrations do not."""
+    backbone, task = setting
+    parts = get_method("distill", shots=2, **options).build(backbone, task, Seeds(0, 0))
+    try:
+        assert parts.adapter.peft_config[parts.adapter.active_adapter].fixed_alpha is ("fixed_alpha" not in options)
+        queries = [unlabelled(e) for e in task.splits["test"][:3]]
+        batch = backbone.encode([parts.prompter.prompt(q) for q in queries], padding_side="left")
+        with torch.no_grad():
+            student = parts.adapter(**batch).logits
+            with parts.adapter.disable_adapter():
+                zero_shot = parts.adapter(**batch).logits
+        real = batch["attention_mask"].bool()
+        gap = (student - zero_shot)[real].abs().max().item()
+        assert (gap < 1e-5) is starts_at_zero_shot, gap
+    finally:
+        parts.close()
+
+
+def test_the_papers_formula_for_a_student_is_named_and_has_its_own_id():
+    default, paper = get_method("distill"), get_method("distill", fixed_alpha=False)
+    assert default.options["fixed_alpha"] is True and paper.options["fixed_alpha"] is False
+    assert default.label == "distilled (8-shot)" and paper.label == "distilled (8-shot, paper formula)"
+    assert default.id != paper.id, "a rerun under the other formula never reports the old result"
+    assert get_method("distill", rank=4, full_rank_keys=True).label == "distilled (8-shot, full_rank_keys)"
+    unmasked = get_method("distill", normalizer="unmasked")  # the authors' normaliser has no fixed-alpha variant
+    assert unmasked.options["fixed_alpha"] is False and "paper formula" in unmasked.label
+    with pytest.raises(ValueError, match="fixed_alpha needs normalizer='exact'"):
+        get_method("distill", normalizer="unmasked", fixed_alpha=True)
+
+
+def test_the_diagnosis_benchmark_measures_each_students_start_fit_and_agreement(tiny_lm, text_colour_task, tmp_path):
+    """benchmarks/distill_diagnosis.py with two students beside one teacher: the default student starts exactly at
+    the zero-shot model's test accuracy (its virtual term adds zero), and every measurement is in range."""
+    import runpy
+    import sys
+    from pathlib import Path
+
+    config = tmp_path / "config.yaml"
+    config.write_text(json.dumps({
+        "backbone": tiny_lm, "task": {"name": "jsonl", **text_colour_task}, "validation_samples": 0,
+        "train": {"epochs": 1, "batch_size": 4, "grad_accum": 1, "lr": 0.05}, "eval": {"max_new_tokens": 3}}))
+    script = Path(__file__).parents[1] / "benchmarks" / "distill_diagnosis.py"
+    argv = sys.argv
+    sys.argv = [str(script), "--config", str(config), "--shots", "2", "--student", "{}",
+                "--student", "{fixed_alpha: false, value_b_std: 0.3}", "--out", str(tmp_path / "out")]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    finally:
+        sys.argv = argv
+    report = json.loads((tmp_path / "out" / "diagnosis.json").read_text())
+    default, paper = report["students"]
+    assert default["label"] == "distilled (2-shot)" and paper["label"] == "distilled (2-shot, paper formula)"
+    assert default["start"]["test"] == report["zero-shot"]["test"], "the default student starts at zero-shot"
+    for student in (default, paper):
+        numbers = [*student["accuracy"].values(), *student["agreement"].values(), student["start"]["test"]]
+        assert all(0 <= n <= 1 for n in numbers)
+        assert student["kl_by_answer_position"] and all(v >= -1e-6 for v in student["kl_by_answer_position"].values())
+        assert len(student["attention_output_error"]["student"]) == len(student["attention_output_error"]["zero-shot"])
+    assert (tmp_path / "out" / "diagnosis.png").stat().st_size > 0
