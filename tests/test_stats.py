@@ -39,3 +39,27 @@ def test_bad_tables_are_refused():
         spread([])
     with pytest.raises(ValueError, match="non-finite"):
         spread([[float("nan")]])
+
+
+def test_the_paired_difference_of_two_methods_pairs_questions_and_seeds():
+    import runpy
+    from pathlib import Path
+
+    difference = runpy.run_path(str(Path(__file__).parents[1] / "benchmarks" / "paired_difference.py"))["difference"]
+    a = {1: [1, 0, 1, 1], 2: [0, 0, 1, 1]}
+    b = {1: [1, 0, 0, 1], 2: [0, 1, 1, 0]}
+    rows = ([{"method": "A", "seed": s, "per_question": q, "selection": "last epoch"} for s, q in a.items()]
+            + [{"method": "A", "seed": 1, "per_question": [0, 0, 0, 0], "selection": "selected on validation"}]
+            + [{"method": "B", "seed": s, "per_question": q} for s, q in b.items()]
+            + [{"method": "Z", "seed": None, "per_question": [1, 1, 0, 0]}])
+    results = {"replicates": rows}
+    found = difference(results, "A", "B")
+    assert found.replicates == 2 and found.mean == pytest.approx((0.25 + 0) / 2), "the last epoch's rows are paired"
+    assert found.std == pytest.approx(np.std([0.25, 0], ddof=1))
+    assert found.ci_questions[0] <= found.mean <= found.ci_questions[1]
+    same = difference(results, "A", "A")
+    assert same.mean == 0 and same.ci_questions == (0.0, 0.0), "a method against itself differs by nothing"
+    once = difference(results, "A", "Z")  # zero-shot, measured once, pairs with every seed
+    assert once.replicates == 2 and once.mean == pytest.approx((0.25 + 0) / 2)
+    with pytest.raises(SystemExit, match="no method labelled 'C'.*'A', 'B', 'Z'"):
+        difference(results, "C", "A")
