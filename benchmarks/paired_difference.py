@@ -37,9 +37,10 @@ def difference(results: dict[str, Any], method: str, against: str) -> Spread:
     """The spread of ``method - against`` per test question, over the seeds both have (a method without randomness
     of its own, measured once, is paired with every seed of the other)."""
     one, two = _per_question(results, method), _per_question(results, against)
-    seeds = sorted(set(one) & set(two), key=str)
-    if not seeds and 1 in (len(one), len(two)):
+    if 1 in (len(one), len(two)):  # measured once (no randomness of its own): paired with each of the other's
         seeds = sorted(two if len(one) == 1 else one, key=str)
+    else:
+        seeds = sorted(set(one) & set(two), key=str)
     if not seeds:
         raise SystemExit(f"{method!r} and {against!r} share no seed: {sorted(one, key=str)} against "
                          f"{sorted(two, key=str)}")

@@ -51,7 +51,7 @@ def test_the_paired_difference_of_two_methods_pairs_questions_and_seeds():
     rows = ([{"method": "A", "seed": s, "per_question": q, "selection": "last epoch"} for s, q in a.items()]
             + [{"method": "A", "seed": 1, "per_question": [0, 0, 0, 0], "selection": "selected on validation"}]
             + [{"method": "B", "seed": s, "per_question": q} for s, q in b.items()]
-            + [{"method": "Z", "seed": None, "per_question": [1, 1, 0, 0]}])
+            + [{"method": "Z", "seed": 1, "per_question": [1, 1, 0, 0]}])  # measured once, under the first seed
     results = {"replicates": rows}
     found = difference(results, "A", "B")
     assert found.replicates == 2 and found.mean == pytest.approx((0.25 + 0) / 2), "the last epoch's rows are paired"
