@@ -202,7 +202,8 @@ def _plot(report: dict, path: Path) -> None:
         bars.bar(xs, ys, width, label=name, color="gray" if name == "zero-shot" else colours[i % len(colours)])
     bars.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))], list(groups), fontsize=8)
     bars.set_ylabel("accuracy / agreement")
-    bars.legend(fontsize=7)
+    bars.set_ylim(0, 1)  # fractions; the legend sits above the bars
+    bars.legend(fontsize=7, loc="upper right")
     for i, student in enumerate(students, start=2):
         kl = student["kl_by_answer_position"]
         positions = sorted(kl, key=int)
