@@ -173,7 +173,8 @@ def test_the_inspect_command_writes_a_heatmap_and_json(tiny_vlm, colour_task, tm
     report = json.loads((tmp_path / "inspect" / "inspect.json").read_text())
     assert report["queries"] == 4 and len(report["virtual_share"]) == 2 and len(report["virtual_share"][0]) == 4
     assert (tmp_path / "inspect" / "virtual_share.png").stat().st_size > 0
-    assert "attention share of the virtual slots" in capsys.readouterr().out
+    assert report["virtual_term"] == "added", "a distilled student adds its virtual term (fixed_alpha) by default"
+    assert "weight of the virtual term (added to the prompt's whole attention" in capsys.readouterr().out
 
 
 def test_teacher_answers_show_progress_and_a_finished_run_does_not_redo_them(tiny_vlm, colour_task, tmp_path,

@@ -90,28 +90,34 @@ def _final_norm(model) -> torch.nn.Module | None:
 
 
 def write_inspection(folder: str | Path, share: torch.Tensor, tokens: list[dict[str, Any]], title: str,
-                     queries: int) -> list[Path]:
-    """inspect.json, virtual_share.png (layers x heads heatmap) and inspect.md into `folder`."""
+                     queries: int, added: bool = False) -> list[Path]:
+    """inspect.json, virtual_share.png (layers x heads heatmap) and inspect.md into `folder`. ``added``: the
+    adapter adds its virtual term to the attention output (``fixed_alpha``), so the share is that term's weight and
+    the prompt keeps its whole attention; otherwise the virtual slots take the share from the prompt."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     folder = Path(folder)
-    atomic_write_json(folder / "inspect.json", {"title": title, "queries": queries, "virtual_share": share.tolist(),
+    what = ("weight of the virtual term (added to the prompt's whole attention: fixed_alpha)" if added
+            else "attention share of the virtual slots (1 - alpha)")
+    atomic_write_json(folder / "inspect.json", {"title": title, "queries": queries,
+                                               "virtual_term": "added" if added else "softmax",
+                                               "virtual_share": share.tolist(),
                                                "virtual_share_per_layer": share.mean(1).tolist(),
                                                "value_tokens": tokens})
     figure, axis = plt.subplots(figsize=(max(4, 0.35 * share.shape[1] + 2), max(3, 0.18 * share.shape[0] + 1.5)))
     image = axis.imshow(share.numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=max(1e-6, float(share.max())))
     axis.set_xlabel("head")
     axis.set_ylabel("layer")
-    axis.set_title(f"attention share of the virtual slots (1 - alpha)\n{title}, {queries} queries", fontsize=9)
+    axis.set_title(f"{what}\n{title}, {queries} queries", fontsize=9)
     figure.colorbar(image, ax=axis)
     figure.tight_layout()
     atomic_write(folder / "virtual_share.png", lambda tmp: figure.savefig(tmp, dpi=120, format="png"))
     plt.close(figure)
-    lines = [f"**{title}**: attention share of the virtual slots over {queries} queries (mean over heads) and the "
-             "top tokens of what each layer's virtual values write, read through the LM head\n",
+    lines = [f"**{title}**: {what} over {queries} queries (mean over heads) and the top tokens of what each "
+             "layer's virtual values write, read through the LM head\n",
              "| layer | share | top tokens |", "|---|---|---|"]
     by_layer = {row["layer"]: row for row in tokens}
     for layer in range(share.shape[0]):
@@ -139,7 +145,8 @@ def inspect_adapter(config: RunConfig, adapter: str, queries: int = 64) -> dict[
         finally:
             model.unload()
         if run.main:
-            write_inspection(run.output_dir, share, tokens, method.label, len(examples))
+            write_inspection(run.output_dir, share, tokens, method.label, len(examples),
+                             added=model.peft_config[model.active_adapter].fixed_alpha)
     return {"method": method.label, "virtual_share": share.tolist(), "value_tokens": tokens,
             "queries": len(examples)}
 
