@@ -54,7 +54,8 @@ class Distill(Method):
     teacher's probability of its own answer; "filter": x 1 where that probability is at least ``min_confidence``,
     default 0.5, else 0), ``init`` ("random" or "demonstrations", HiFICL students), ``student`` (a trained
     method: "hificl", "live", "mimic", "lora", ...) and the student method's own options except those of its
-    objective (for HiFICL, any `HiFICLConfig` field: num_virtual_tokens, rank, ...)."""
+    objective (for HiFICL, any `HiFICLConfig` field: num_virtual_tokens, rank, ...; ``fixed_alpha`` is true unless
+    given: the student starts at the zero-shot model)."""
 
     name = "distill"
     trainable = True
