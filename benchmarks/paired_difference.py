@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from hificl.metrics import get_metric
+from hificl.results import EpochChoice
 from hificl.stats import Spread, spread
 
 
@@ -28,7 +29,7 @@ def _per_question(results: dict[str, Any], label: str) -> dict[Any, list[float]]
         raise SystemExit(f"no method labelled {label!r} in these results; the labels are: {labels}")
     last = {}  # a trained method's replicate may report two epochs: the last epoch is the one compared
     for row in rows:
-        if row["seed"] not in last or row.get("selection") in ("last epoch", "selected on validation = last epoch"):
+        if row["seed"] not in last or row.get("selection") in (EpochChoice.LAST, EpochChoice.SELECTED_IS_LAST):
             last[row["seed"]] = row["per_question"]
     return last
 
